@@ -83,6 +83,7 @@ class AlignmentSubspace:
         target_modules: Sequence[str] | None = None,
         fan_in_fan_out: bool = False,
         adapter_name: str | None = None,
+        modules: Sequence[str] | None = None,
         cache_file: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -101,6 +102,7 @@ class AlignmentSubspace:
             target_modules: without ``model``: exact module names, or module kinds (``"q_proj"``)
                 matched against the aligned checkpoint's keys.
             fan_in_fan_out: without ``model``: weights are stored (n, m) (GPT-2 Conv1D).
+            modules: build only these module names (a rank's slice in multi-process scoring).
             cache_file: a ``.safetensors`` file; reused when it matches base, aligned and the
                 modules, written (atomically) otherwise.
             dtype: storage dtype of V (float32: exact; bfloat16 halves memory, ~3 significant digits).
@@ -123,7 +125,10 @@ class AlignmentSubspace:
                 specs = [ModuleSpec(name, bool(getattr(layer, "fan_in_fan_out", False))) for name, layer in layers.items()]
             else:
                 specs = _specs_from_targets(aligned_checkpoint, target_modules, fan_in_fan_out)
-            if not specs:
+            if modules is not None:
+                wanted = set(modules)
+                specs = [spec for spec in specs if spec.name in wanted]
+            if not specs and modules is None:
                 raise ValueError("The model has no LoRA layer: nothing to build an alignment subspace for.")
             if cache_file is not None and Path(cache_file).is_file():
                 cached = cls.load(cache_file, device=device)

@@ -89,13 +89,16 @@ def resolve_adapter_name(model: nn.Module, adapter_name: str | None = None) -> s
     """
     if adapter_name is not None:
         return adapter_name
-    active = getattr(model, "active_adapters", None)
-    if callable(active):  # transformers' PEFT integration exposes a method
-        active = active()
-    if active is None:
-        active = [getattr(model, "active_adapter", "default")]
-    if isinstance(active, str):
-        active = [active]
+    if isinstance(model, PeftModel):
+        active = model.active_adapters
+    else:  # LoRA added through transformers' integration: ask the layers themselves
+        layer = next((module for module in model.modules() if isinstance(module, LoraLayer)), None)
+        if layer is None:
+            raise NoLoraLayersError(
+                "The model has no LoRA layer: wrap it with peft.get_peft_model(model, "
+                "LoraConfig(target_modules=[...])) before scoring it."
+            )
+        active = layer.active_adapters
     if len(active) != 1:
         raise ValueError(
             f"The model has {len(active)} active adapters {list(active)}; pass adapter_name= to choose "

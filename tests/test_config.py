@@ -1,0 +1,39 @@
+"""SPLoRAConfig validation: every message names the field, the bad value and what is accepted."""
+
+import pytest
+
+from splora_callback import SPLoRAConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"metric": "l2"}, r"SPLoRAConfig.metric='l2': expected one of ediem, cosine, probe, signed"),
+        ({"null": "gauss"}, r"SPLoRAConfig.null='gauss': expected one of layers, permutation"),
+        ({"select": "best"}, r"SPLoRAConfig.select='best': expected one of top_k, fraction, threshold"),
+        ({"action": "zero"}, r"SPLoRAConfig.action='zero': expected one of prune, project, none"),
+        ({"alignment_dtype": "int8"}, r"SPLoRAConfig.alignment_dtype='int8'"),
+        ({"permutations": 4}, r"SPLoRAConfig.permutations=4: must be >= 16"),
+        ({"select": "top_k"}, r"SPLoRAConfig.k=None: select='top_k' needs an integer k >= 0"),
+        ({"select": "fraction", "fraction": 2.0}, r"SPLoRAConfig.fraction=2.0"),
+        ({"select": "threshold"}, r"SPLoRAConfig.threshold=None"),
+        ({"score_every_n_steps": -1}, r"SPLoRAConfig.score_every_n_steps=-1"),
+        ({"metric": "probe"}, r"SPLoRAConfig.probe=None: metric='probe' needs probe="),
+    ],
+)
+def test_invalid_fields_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SPLoRAConfig(**{"base_model": "base", **kwargs})
+
+
+def test_base_model_required_for_geometric_metrics():
+    with pytest.raises(ValueError, match="SPLoRAConfig.base_model=None"):
+        SPLoRAConfig()
+
+
+def test_defaults_and_serialisation():
+    config = SPLoRAConfig(base_model="base", select="top_k", k=10)
+    assert config.selection_kwargs() == {"select": "top_k", "k": 10, "fraction": 0.25, "threshold": None}
+    data = config.to_dict()
+    assert data["probe"] is None and data["metric"] == "ediem"
+    assert SPLoRAConfig(**{key: value for key, value in data.items() if key != "probe"}) == config
