@@ -5,9 +5,11 @@ report. See README.md and docs/ediem.md.
 """
 
 from .alignment import AlignmentMismatchError, AlignmentSubspace
+from .callback import SPLoRACallback
 from .checkpoint import CheckpointError, SafetensorsCheckpoint
 from .config import SPLoRAConfig
 from .layers import LoraUpdate, NoLoraLayersError, UnsupportedAdapterError, lora_updates_from_model
+from .report import write_html_report
 from .pruning import ActionReport, apply_action, prune_layers, save_acted_adapter
 from .scoring import LayerScore, LayerScores, score_layers
 from .selection import random_layers, random_matched, select_layers
@@ -23,6 +25,7 @@ __all__ = [
     "LayerScores",
     "LoraUpdate",
     "NoLoraLayersError",
+    "SPLoRACallback",
     "SPLoRAConfig",
     "SafetensorsCheckpoint",
     "UnsupportedAdapterError",
@@ -34,4 +37,5 @@ __all__ = [
     "save_acted_adapter",
     "score_layers",
     "select_layers",
+    "write_html_report",
 ]

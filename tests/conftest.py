@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, tests/reference
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add overhead, and CI has 2 cores
 
 
 @pytest.fixture(autouse=True)
