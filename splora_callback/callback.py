@@ -30,8 +30,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .alignment import AlignmentMismatchError, AlignmentSubspace
 from .checkpoint import CheckpointError
 from .config import SPLoRAConfig
-from .layers import lora_updates_from_model, resolve_adapter_name
-from .pruning import apply_action, save_acted_adapter
+from .distributed import (
+    alignment_for_rank,
+    alignment_info,
+    apply_action_distributed,
+    broadcast_object,
+    lora_layers,
+    save_acted_adapter_distributed,
+    score_layers_distributed,
+    warn_if_sharded,
+)
+from .layers import resolve_adapter_name
 from .report import (
     build_report,
     over_threshold,
@@ -41,7 +50,7 @@ from .report import (
     write_html_report,
     write_json_report,
 )
-from .scoring import LayerScores, score_layers
+from .scoring import LayerScores
 from .selection import select_layers
 
 logger = logging.getLogger(__name__)
@@ -124,14 +133,15 @@ class SPLoRACallback(TrainerCallback, ExportableState):
     def compute_scores(self, model: nn.Module) -> LayerScores:
         """Score every LoRA layer of ``model``: E-DIEM, cosine, signed diagnostic (and the probe).
 
-        The single place scores are computed: a sharded run swaps ``score_layers`` for
-        ``score_layers_distributed`` here, and nowhere else. Runs under ``torch.no_grad()`` on the
+        The single place scores are computed. In a multi-process run each rank scores its slice
+        of the layers and every rank gets all scores (:func:`score_layers_distributed`); in one
+        process this is exactly :func:`score_layers`. Runs under ``torch.no_grad()`` on the
         device ``on_train_begin`` put the alignment subspace on (the LoRA weights' device); a probe
         takes its own gradients inside (``torch.enable_grad``) and restores modes and RNG states.
         """
         config = self.config
         with torch.no_grad():
-            return score_layers(
+            return score_layers_distributed(
                 model, self._alignment, config.metric, null=config.null, permutations=config.permutations,
                 seed=config.seed, adapter_name=config.adapter_name, probe=config.probe,
             )
@@ -146,17 +156,18 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             logger.warning(
                 "Resuming at step %d without TrainingArguments(restore_callback_states_from_checkpoint="
                 "True): SPLoRA's score history before this step is not restored.", state.global_step)
-        updates = lora_updates_from_model(model, config.adapter_name)  # no LoRA / DoRA: raise now
+        adapter, layers = lora_layers(model, config.adapter_name)  # no LoRA / DoRA: raise now
+        warn_if_sharded(model, config.action)
         if self.history:  # restored from a checkpoint
             self._scores = LayerScores.from_dict(self.history[-1]["scores"])
         if config.base_model is None:  # metric="probe" without geometry
             return
         try:
-            self._alignment = AlignmentSubspace.from_pretrained(
-                config.base_model, model=model, aligned=config.aligned_model,
+            self._alignment = alignment_for_rank(  # each rank builds V for its slice of layers only
+                config.base_model, model, aligned=config.aligned_model,
                 adapter_name=config.adapter_name, cache_file=config.alignment_cache,
                 dtype=getattr(torch, config.alignment_dtype),
-                device=updates[0].lora_A.device,  # scoring runs where the LoRA weights live
+                device=layers[0][1].lora_A[adapter].weight.device,  # scoring runs where LoRA weights live
                 progress=state.is_world_process_zero and not args.disable_tqdm,
             )
         except (AlignmentMismatchError, CheckpointError) as error:
@@ -164,8 +175,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 f"SPLoRACallback: config.base_model={config.base_model!r} does not match the model being "
                 f"trained: {error}"
             ) from error
-        self._alignment_info = {**self._alignment.source, "modules": len(self._alignment),
-                                "judgeable": sum(map(self._alignment.has_signal, self._alignment.names))}
+        self._alignment_info = alignment_info(self._alignment)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs) -> None:
@@ -184,8 +194,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         """Write ``checkpoint-N/splora/`` (acted adapter + report) and refresh the running report."""
         if self.config.prune_at_checkpoints:
             scores = self._latest_scores(args, state, model)  # scored in on_step_end unless an epoch save
-            if state.is_world_process_zero:
-                self._write_checkpoint(args, state, model, scores, self.history[-1]["selected"])
+            self._write_checkpoint(args, state, model, scores, self.history[-1]["selected"])
         if state.is_world_process_zero and self.history:
             selected = self.history[-1]["selected"]
             write_json_report(args.output_dir, self._report("running", state, selected, None))
@@ -200,9 +209,17 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         """
         self._latest_scores(args, state, model, rescore=args.load_best_model_at_end)
         self.selected = list(self.history[-1]["selected"])
-        if self.config.prune_at_end:
-            config = self.config
-            acted = apply_action(model, self._alignment, self.selected, config.action, config.adapter_name)
+        config = self.config
+        if config.prune_at_end and warn_if_sharded(model, config.action):
+            # FSDP / ZeRO-3: the live flat parameters are not edited; the acted adapter is written aside
+            target = Path(args.output_dir) / CHECKPOINT_SUBDIR
+            save_acted_adapter_distributed(model, target, self.selected, config.action, self._alignment,
+                                           config.adapter_name, overwrite=True)
+            self.action_report = {"action": config.action, "layers": self.selected,
+                                  "applied_to": str(target), "live_model": "unchanged (sharded)"}
+        elif config.prune_at_end:
+            acted = apply_action_distributed(model, self._alignment, self.selected, config.action,
+                                             config.adapter_name)
             self.action_report = acted.to_dict()
         if state.is_world_process_zero:
             report = self._report("finished", state, self.selected, self.action_report)
@@ -262,13 +279,15 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                           scores: LayerScores, chosen: list[str]) -> None:
         """``checkpoint-N/splora/``: the adapter as the action would leave it, and its report."""
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():
+        if not broadcast_object(folder.is_dir() if state.is_world_process_zero else None):
             logger.warning("SPLoRA: checkpoint folder %s not found; no acted adapter written.", folder)
             return
         target, action = folder / CHECKPOINT_SUBDIR, self.config.action
-        if action != "none":
-            save_acted_adapter(model, target, chosen, action, self._alignment, self.config.adapter_name,
-                               overwrite=True)
+        if action != "none":  # collective: adapter tensors are gathered to the main process, which writes
+            save_acted_adapter_distributed(model, target, chosen, action, self._alignment,
+                                           self.config.adapter_name, overwrite=True)
+        if not state.is_world_process_zero:
+            return
         removed = 0
         if action == "prune":  # r (m + n) LoRA parameters per pruned layer
             removed = sum(scores[name].rank * sum(scores[name].shape) for name in chosen)

@@ -6,7 +6,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from splora_callback import lora_updates_from_model
-from splora_callback.layers import UnsupportedAdapterError, lora_updates_from_adapter, read_adapter_config, unwrap_peft
+from splora_callback.layers import (
+    UnsupportedAdapterError,
+    lora_updates_from_adapter,
+    read_adapter_config,
+    unwrap_peft,
+)
 
 
 @pytest.mark.parametrize(

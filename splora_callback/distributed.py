@@ -1,0 +1,714 @@
+"""Multi-process SPLoRA: split the layers over ranks, gather what each needs, agree everywhere.
+
+In one process every function here is its single-process counterpart (``score_layers``,
+``AlignmentSubspace.from_pretrained``, ``apply_action``). Under ``torch.distributed`` (DDP, FSDP,
+DeepSpeed, launched by ``torchrun`` or ``accelerate launch``):
+
+- each rank owns a deterministic slice of the LoRA layers (:func:`layer_slice`), builds the
+  alignment subspace for that slice only and scores it; per-layer scalars are gathered
+  (``all_gather_object``) and E-DIEM's shape peers computed from all of them, so every rank holds
+  identical :class:`LayerScores` and makes the same selection;
+- sharded parameters (FSDP v1 flat params, FSDP v2 DTensors, DeepSpeed ZeRO-3) are gathered one
+  module at a time (:func:`gathered`, :func:`lora_updates_gathered`) and never left gathered;
+- only the main process writes (:func:`on_main`); sharded models are never pruned in place
+  (:func:`warn_if_sharded`): the acted adapter is written instead (:func:`save_acted_adapter_distributed`).
+
+Every function that gathers is collective: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from .alignment import CACHE_FORMAT, AlignmentSubspace, _alignment_direction
+from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint
+from .layers import (
+    PEFT_PREFIX,
+    LoraUpdate,
+    NoLoraLayersError,
+    check_supported,
+    resolve_adapter_name,
+    unwrap_peft,
+)
+from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, spectral_norm
+from .pruning import (
+    ActionReport,
+    acted_config,
+    acted_state_dict,
+    apply_action,
+    save_acted_adapter,
+    write_adapter,
+)
+from .scoring import SUSPICION, LayerScore, LayerScores, Metric, Null, score_layers, score_updates
+
+logger = logging.getLogger(__name__)
+
+Engine = Literal["none", "fsdp", "fsdp2", "deepspeed"]
+T = TypeVar("T")
+_FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_warned: set[str] = set()
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Global rank 0 (the Trainer's ``state.is_world_process_zero``); True in one process."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    gathered_objects: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered_objects, obj)
+    return gathered_objects
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` of rank ``src`` on every rank (picklable; move tensors to CPU first)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def rank_slice(
+    names: Sequence[str], rank_: int | None = None, world: int | None = None, *, sizes: dict[str, int] | None = None
+) -> list[str]:
+    """The layers rank ``rank_`` owns: round-robin over the names sorted by size (largest first), then name.
+
+    Dealing each size class out in turn keeps the ranks' work (and V's memory) within one module of
+    each shape of each other, whatever the mix of module kinds (GQA k/v are 4x smaller than q/o).
+    """
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    sizes = sizes or {}
+    return sorted(names, key=lambda name: (-sizes.get(name, 0), name))[rank_::world]
+
+
+def layer_slice(layers: Sequence[tuple[str, LoraLayer]]) -> list[str]:
+    """This rank's share of ``lora_layers(model)[1]`` (sized by ``out_features * in_features``)."""
+    sizes = {name: int(layer.out_features) * int(layer.in_features) for name, layer in layers}
+    return rank_slice([name for name, _ in layers], sizes=sizes)
+
+
+def raise_if_any_failed(error: BaseException | None) -> None:
+    """Collective: re-raise a rank's error on that rank and a RuntimeError on the others.
+
+    Catching per rank and raising together avoids the hang where one rank stops while the others
+    wait in the next collective.
+    """
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(index, message) for index, message in enumerate(messages) if message is not None]
+    if failed:
+        raise RuntimeError(f"SPLoRA failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on the main process only (writes, downloads); every rank gets its result.
+
+    Collective. If ``fn`` raises on the main process, every rank raises (none is left waiting).
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # re-raised below, after the other ranks have heard of it
+            error = exc
+    raise_if_any_failed(error)
+    return broadcast_object(result)
+
+
+# --- engines and gathering ------------------------------------------------------------------------
+
+
+def _fsdp_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """Remove DDP / DataParallel / DeepSpeedEngine wrappers; an FSDP v1 root is kept (it gathers)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+        type(model).__name__ == "DeepSpeedEngine"
+    ):
+        model = model.module
+    return model
+
+
+def sharding_engine(model: nn.Module) -> Engine:
+    """``"fsdp"`` (v1 flat params), ``"fsdp2"`` (DTensor), ``"deepspeed"`` (ZeRO-3) or ``"none"``."""
+    model = unwrap_parallel(model)
+    fsdp, dtensor = _fsdp_class(), _dtensor_class()
+    if fsdp is not None and any(isinstance(module, fsdp) for module in model.modules()):
+        return "fsdp"
+    for param in model.parameters():
+        if dtensor is not None and isinstance(param, dtensor):
+            return "fsdp2"
+        if hasattr(param, "ds_id"):
+            return "deepspeed"
+    return "none"
+
+
+def warn_if_sharded(model: nn.Module, action: str = "prune") -> bool:
+    """True if ``model``'s parameters are sharded; then warn (once, on main) that it is not pruned in place.
+
+    Replacing a LoRA layer by its base layer (``prune``) or rewriting ``lora_B`` (``project``)
+    under FSDP v1 breaks the flat parameter views, under FSDP v2 / ZeRO-3 leaves the optimizer and
+    the engine's hooks holding removed or resized parameters. The callback should then call
+    :func:`save_acted_adapter_distributed` at the end of training and leave the live model as is.
+    """
+    engine = sharding_engine(model)
+    if engine == "none":
+        return False
+    if action != "none" and engine not in _warned and is_main_process():
+        _warned.add(engine)
+        logger.warning(
+            "SPLoRA: the model is sharded (%s). %r is not applied to the live model (it would corrupt "
+            "sharded parameters or optimizer state); the acted adapter is written at the end of training "
+            "instead. Load it into an unsharded model: PeftModel.from_pretrained(base_model, path).",
+            engine, action,
+        )
+    return True
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(param, dtensor):
+        return param.full_tensor().detach()  # all-gather of this one parameter (collective)
+    return param.detach()
+
+
+def _lazy_init_fsdp_root(root: nn.Module) -> None:
+    """FSDP v1: summoning a non-root unit before the first forward would make it a root."""
+    try:
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+    except ImportError:  # pragma: no cover - private API moved; summoning the root works too
+        return
+    _lazy_init(root, root)
+
+
+def _fsdp_units_holding(model: nn.Module, params: Sequence[torch.Tensor]) -> list[nn.Module]:
+    """FSDP v1 units whose flat parameter holds one of ``params`` (``use_orig_params=True``)."""
+    fsdp = _fsdp_class()
+    root = unwrap_parallel(model)
+    units = [module for module in root.modules() if isinstance(module, fsdp)]
+    if not units:
+        return []
+    if not all(unit._use_orig_params for unit in units):
+        raise ValueError(
+            "gathered(): FSDP with use_orig_params=False exposes no per-module parameters; use "
+            "lora_updates_gathered() (gathers by module) or use_orig_params=True (fsdp_use_orig_params)."
+        )
+    _lazy_init_fsdp_root(units[0])
+    wanted = {id(param) for param in params}
+    return [
+        unit for unit in units
+        if unit._flat_param is not None and any(id(p) in wanted for p in (unit._flat_param._params or []))
+    ]
+
+
+@contextmanager
+def gathered(params: Sequence[torch.Tensor], *, model: nn.Module | None = None) -> Iterator[list[torch.Tensor]]:
+    """Full copies/views of ``params`` for the duration of the block, then re-sharded.
+
+    Plain tensors are returned as they are; DTensors (FSDP v2) are all-gathered one by one;
+    ZeRO-3 parameters are gathered with ``deepspeed.zero.GatheredParameters`` (read-only); FSDP v1
+    parameters need ``model`` (the FSDP root) and summon only the units that hold them
+    (``recurse=False``, no writeback). Collective under any sharding: every rank must enter it with
+    the same parameters. The tensors are valid inside the block only.
+    """
+    params = list(params)
+    with ExitStack() as stack:
+        zero3 = [param for param in params if hasattr(param, "ds_id")]
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        fsdp = _fsdp_class()
+        for unit in _fsdp_units_holding(model, params) if model is not None else []:
+            stack.enter_context(fsdp.summon_full_params(unit, recurse=False, writeback=False))
+        yield [_full(param) for param in params]
+
+
+def _fsdp_owner_map(root: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the nearest enclosing FSDP v1 unit (the one whose flat param holds its weights)."""
+    fsdp, owners = _fsdp_class(), {}
+
+    def walk(module: nn.Module, unit: nn.Module | None) -> None:
+        unit = module if isinstance(module, fsdp) else unit
+        owners[id(module)] = unit
+        for child in module.children():
+            walk(child, unit)
+
+    walk(root, None)
+    return owners
+
+
+@contextmanager
+def _gathered_weights(
+    root: nn.Module, engine: Engine, modules: Sequence[nn.Module], owners: dict[int, nn.Module] | None
+) -> Iterator[list[torch.Tensor]]:
+    """``module.weight`` of each module, full, inside the block (FSDP v1: read after the summon)."""
+    if engine != "fsdp":
+        with gathered([module.weight for module in modules]) as full:
+            yield full
+        return
+    fsdp = _fsdp_class()
+    units = list(dict.fromkeys(owners[id(module)] for module in modules if owners[id(module)] is not None))
+    with ExitStack() as stack:
+        for unit in units:
+            stack.enter_context(fsdp.summon_full_params(unit, recurse=False, writeback=False))
+        yield [module.weight.detach() for module in modules]
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    fsdp = _fsdp_class()
+    return module.module if fsdp is not None and isinstance(module, fsdp) else module
+
+
+def _check(name: str, layer: LoraLayer, adapter: str) -> None:
+    """``layers.check_supported``, seeing through an FSDP v1 wrapper around ``lora_A``."""
+    if _inner(layer.lora_A[adapter]) is layer.lora_A[adapter]:
+        check_supported(name, layer, adapter)
+        return
+    view = SimpleNamespace(
+        use_dora=layer.use_dora, lora_magnitude_vector=layer.lora_magnitude_vector,
+        lora_variant=getattr(layer, "lora_variant", {}), lora_bias=layer.lora_bias,
+        lora_A={adapter: _inner(layer.lora_A[adapter])}, get_base_layer=layer.get_base_layer,
+        merged_adapters=layer.merged_adapters,
+    )
+    check_supported(name, view, adapter)
+
+
+def _clean(name: str) -> str:
+    for wrapper in _FSDP_PREFIXES:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def lora_layers(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, LoraLayer]]]:
+    """``(adapter, [(name, layer), ...])`` in module order, names as in the checkpoint, any wrapper.
+
+    Names drop DDP/DeepSpeed wrappers, FSDP v1's ``_fsdp_wrapped_module.`` and PEFT's
+    ``base_model.model.``; the supported-adapter checks run here (no tensor is read).
+
+    Raises:
+        NoLoraLayersError, UnsupportedAdapterError: as :func:`~splora_callback.layers.lora_updates_from_model`.
+    """
+    root = unwrap_parallel(model)
+    inner = _inner(root)
+    adapter = resolve_adapter_name(inner, adapter_name)
+    if inner is root:  # no FSDP v1 root: PEFT's own unwrapping gives the checkpoint names
+        named, prefix = unwrap_peft(root).named_modules(), ""
+    else:  # FSDP v1: walk the wrapped tree (the units live there), strip wrapper names and PEFT's prefix
+        named, prefix = root.named_modules(), PEFT_PREFIX if isinstance(inner, PeftModel) else ""
+    layers = []
+    for raw, module in named:
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            name = _clean(raw).removeprefix(prefix)
+            _check(name, module, adapter)
+            layers.append((name, module))
+    if not layers:
+        raise NoLoraLayersError(
+            f"No LoRA layer holds adapter {adapter!r}: wrap the model with peft.get_peft_model(model, "
+            "LoraConfig(target_modules=[...])) before scoring it."
+        )
+    return adapter, layers
+
+
+def lora_updates_gathered(
+    model: nn.Module,
+    adapter_name: str | None = None,
+    *,
+    names: Collection[str] | None = None,
+    keep: Collection[str] | None = None,
+) -> Iterator[LoraUpdate]:
+    """Yield the :class:`LoraUpdate` of each LoRA layer with full factors, one module at a time.
+
+    Args:
+        names: the layers to visit (default: all). Under sharding this must be the same on every
+            rank, and every rank must exhaust the iterator: each visit gathers (collective).
+        keep: of the visited layers, those yielded on this rank (default: all). A replicated model
+            reads only these; a sharded one still joins the gathers of the others.
+
+    The yielded tensors are valid until the next iteration (then re-sharded): compute, don't keep.
+    """
+    adapter, layers = lora_layers(model, adapter_name)
+    root, engine = unwrap_parallel(model), sharding_engine(model)
+    owners = _fsdp_owner_map(root) if engine == "fsdp" else None
+    if engine == "fsdp":
+        _lazy_init_fsdp_root(root)
+    for name, layer in layers:
+        if names is not None and name not in names:
+            continue
+        wanted = keep is None or name in keep
+        if engine == "none" and not wanted:
+            continue
+        modules = [_inner(layer.lora_A[adapter]), _inner(layer.lora_B[adapter])]
+        with _gathered_weights(root, engine, modules, owners) as (lora_a, lora_b):
+            if wanted:
+                yield LoraUpdate(name, lora_a, lora_b, float(layer.scaling[adapter]),
+                                 bool(getattr(layer, "fan_in_fan_out", False)))
+
+
+# --- alignment and scores -------------------------------------------------------------------------
+
+
+def _download(base: str | os.PathLike, aligned: str | os.PathLike | None, revision: str | None) -> None:
+    for path in (base, aligned):
+        if path is not None:
+            resolve_checkpoint(path, revision)
+
+
+def _rank_cache(cache_file: str | os.PathLike | None) -> Path | None:
+    if cache_file is None or world_size() == 1:
+        return None if cache_file is None else Path(cache_file)
+    path = Path(cache_file)
+    return path.with_name(f"{path.stem}.rank{rank()}-of-{world_size()}{path.suffix}")
+
+
+def _load_slice(path: Path, names: Sequence[str], source: dict, device: str | torch.device) -> AlignmentSubspace | None:
+    """The ``names`` of a full alignment cache (one written by a single process), read lazily."""
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != CACHE_FORMAT or json.loads(metadata.get("source", "{}")) != source:
+            return None
+        if not set(names) <= set(handle.keys()):
+            return None
+        directions = {name: handle.get_tensor(name) for name in names}
+    frobenius, spectral = json.loads(metadata["frobenius_norms"]), json.loads(metadata["spectral_norms"])
+    return AlignmentSubspace(directions, {n: frobenius[n] for n in names}, {n: spectral[n] for n in names}, source)
+
+
+def alignment_for_rank(
+    base: str | os.PathLike,
+    model: nn.Module,
+    *,
+    aligned: str | os.PathLike | None = None,
+    adapter_name: str | None = None,
+    cache_file: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    progress: bool = True,
+) -> AlignmentSubspace:
+    """The alignment subspace of this rank's :func:`layer_slice` only (all modules in one process).
+
+    Each rank streams ``W_base`` for its own modules (1/world of the disk reads and of V's memory).
+    A sharded live model is gathered one base weight at a time by all ranks (the owner keeps V);
+    pass ``aligned=`` to stream ``W_aligned`` from disk instead and gather nothing. With
+    ``cache_file``, each rank caches its slice in ``<stem>.rank{r}-of-{w}.safetensors``; a full
+    cache written by a single process is read lazily (only this rank's tensors). Collective.
+
+    Args: as :meth:`AlignmentSubspace.from_pretrained` (``W_aligned`` from the live ``model``
+        unless ``aligned`` is given).
+    """
+    engine = sharding_engine(model)
+    if world_size() == 1 and engine == "none":
+        return AlignmentSubspace.from_pretrained(
+            base, model=model, aligned=aligned, adapter_name=adapter_name, cache_file=cache_file,
+            dtype=dtype, device=device, revision=revision, progress=progress,
+        )
+    adapter, layers = lora_layers(model, adapter_name)
+    owned = layer_slice(layers)
+    on_main(_download, base, aligned, revision)  # Hub downloads once, before the other ranks read
+    source = {"base": str(base), "aligned": str(aligned) if aligned is not None else "live model"}
+    if cache_file is not None and Path(cache_file).is_file() and world_size() > 1:
+        cached = _load_slice(Path(cache_file), owned, source, device)
+        if cached is not None:
+            logger.info("Alignment slice (%d modules) read from the full cache %s", len(owned), cache_file)
+            return cached
+    progress = progress and is_main_process()
+    common = {"cache_file": _rank_cache(cache_file), "dtype": dtype, "device": device,
+              "revision": revision, "progress": progress}
+    if engine == "none":
+        return AlignmentSubspace.from_pretrained(
+            base, model=unwrap_parallel(model), aligned=aligned, adapter_name=adapter, modules=owned, **common
+        )
+    if aligned is not None:
+        if not owned:
+            return AlignmentSubspace({}, {}, {}, source)
+        fan_in_fan_out = bool(getattr(layers[0][1], "fan_in_fan_out", False))
+        return AlignmentSubspace.from_pretrained(
+            base, aligned=aligned, target_modules=owned, fan_in_fan_out=fan_in_fan_out, modules=owned, **common
+        )
+    return _alignment_from_sharded(base, model, engine, layers, set(owned), source, **common)
+
+
+@torch.no_grad()
+def _alignment_from_sharded(
+    base: str | os.PathLike, model: nn.Module, engine: Engine, layers: list[tuple[str, LoraLayer]],
+    owned: set[str], source: dict, *, cache_file: Path | None, dtype: torch.dtype,
+    device: str | torch.device, revision: str | None, progress: bool,
+) -> AlignmentSubspace:
+    """Every rank joins the gather of each frozen base weight (``W_aligned``); its owner keeps V."""
+    if cache_file is not None and cache_file.is_file():
+        cached = _load_slice(cache_file, sorted(owned), source, device)
+        if cached is not None and set(cached.names) == owned:
+            return cached
+    root = unwrap_parallel(model)
+    owners = _fsdp_owner_map(root) if engine == "fsdp" else None
+    if engine == "fsdp":
+        _lazy_init_fsdp_root(root)
+    directions, frobenius, spectral, error = {}, {}, {}, None
+    with SafetensorsCheckpoint.open(base, revision) as checkpoint:
+        for name, layer in tqdm(layers, desc="SPLoRA alignment subspace", unit="module", disable=not progress):
+            with _gathered_weights(root, engine, [layer.get_base_layer()], owners) as (weight,):
+                if name not in owned or error is not None:
+                    continue
+                try:  # keep joining the gathers after a failure; raise on every rank below
+                    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+                    aligned_weight = weight.T if fan_in_fan_out else weight
+                    base_weight = checkpoint.module_weight(name, fan_in_fan_out)
+                    direction = _alignment_direction(name, aligned_weight, base_weight, base)
+                except Exception as exc:
+                    error = exc
+                    continue
+            frobenius[name] = frobenius_norm(direction)
+            spectral[name] = spectral_norm(direction) if frobenius[name] > 0 else 0.0
+            directions[name] = direction.to(device=device, dtype=dtype)
+    raise_if_any_failed(error)
+    subspace = AlignmentSubspace(directions, frobenius, spectral, source)
+    if cache_file is not None:
+        subspace.save(cache_file)
+    return subspace
+
+
+def alignment_info(alignment: AlignmentSubspace) -> dict[str, Any]:
+    """Source and totals over all ranks' slices (``modules``, ``judgeable``). Collective."""
+    counts = all_gather_object((len(alignment), sum(map(alignment.has_signal, alignment.names))))
+    return {**alignment.source, "modules": sum(c[0] for c in counts), "judgeable": sum(c[1] for c in counts)}
+
+
+def score_layers_distributed(
+    model: nn.Module,
+    alignment: AlignmentSubspace | None,
+    metric: Metric = "ediem",
+    *,
+    null: Null = "layers",
+    permutations: int = 16,
+    seed: int = 0,
+    adapter_name: str | None = None,
+    probe: object | None = None,
+) -> LayerScores:
+    """:func:`~splora_callback.scoring.score_layers`, with the layers split over the ranks.
+
+    Each rank scores its :func:`layer_slice` against ``alignment`` (which must hold at least that
+    slice: :func:`alignment_for_rank`); the per-layer scores are gathered, and E-DIEM with
+    ``null="layers"`` is recomputed from all layers' distances (the permutation null is per layer
+    and seeded by name, so it does not depend on the split). Every rank returns identical scores.
+    Collective. In one process without sharding: exactly ``score_layers``.
+    """
+    engine = sharding_engine(model)
+    if world_size() == 1 and engine == "none":
+        return score_layers(model, alignment, metric, null=null, permutations=permutations, seed=seed,
+                            adapter_name=adapter_name, probe=probe)
+    if metric not in SUSPICION:
+        raise ValueError(f"metric={metric!r}; expected one of {sorted(SUSPICION)}.")
+    if metric == "probe" and probe is None:
+        raise ValueError("metric='probe' needs probe=SafetyProbe(...) (see splora_callback.probe).")
+    if alignment is None and metric != "probe":
+        raise ValueError(f"metric={metric!r} needs an alignment subspace (AlignmentSubspace.from_pretrained).")
+    adapter, layers = lora_layers(model, adapter_name)
+    names = [name for name, _ in layers]
+    local, error = {}, None
+    with torch.no_grad():  # not around the probe: it takes its own gradients
+        for update in lora_updates_gathered(model, adapter, keep=set(layer_slice(layers))):
+            if error is not None:
+                continue
+            try:  # one layer at a time: the factors are only valid inside this iteration
+                partial = score_updates([update], alignment, metric, null=null, permutations=permutations, seed=seed)
+                local[update.name] = asdict(partial[update.name])
+            except Exception as exc:  # keep joining the gathers; raise on every rank below
+                error = exc
+    raise_if_any_failed(error)
+    merged: dict[str, dict] = {}
+    for part in all_gather_object(local):
+        merged.update(part)
+    scores = LayerScores(metric, null)
+    for name in names:
+        scores.layers[name] = LayerScore(**{**merged[name], "shape": tuple(merged[name]["shape"])})
+    if null == "layers":  # shape peers need every layer's distance
+        distances = {s.name: s.relative_distance for s in scores if s.status == "active" and s.relative_distance is not None}
+        for name, robust in ediem_shape_peers(distances, {name: scores[name].shape for name in distances}).items():
+            scores.layers[name].ediem, scores.layers[name].ediem_scaled = robust.value, robust.scaled
+    if probe is not None:  # collective itself: each rank runs its rows, the sums are all-reduced
+        for name, value in probe.attribute(unwrap_parallel(model), adapter_name=adapter).items():
+            if scores.layers[name].status == "active":
+                scores.layers[name].probe = value
+    return scores
+
+
+# --- actions --------------------------------------------------------------------------------------
+
+
+def _projected_up(model: nn.Module, alignment: AlignmentSubspace | None, chosen: Sequence[str], adapter: str) -> dict[str, torch.Tensor]:
+    """Safe LoRA's ``C B`` for each chosen layer, computed by its owner, on every rank (CPU)."""
+    local, error = {}, None
+    owned = set(layer_slice(lora_layers(model, adapter)[1]))
+    for update in lora_updates_gathered(model, adapter, names=set(chosen), keep=owned):
+        try:
+            if alignment is None or update.name not in alignment or not alignment.has_signal(update.name):
+                raise ValueError(f"{update.name}: 'project' needs a non-zero alignment direction for this module.")
+            up = safe_lora_projection(alignment.directions[update.name], update.lora_B, alignment.frobenius_norms[update.name])
+            local[update.name] = up.cpu()
+        except Exception as exc:  # keep joining the gathers; raise on every rank below
+            error = error or exc
+    raise_if_any_failed(error)
+    return {name: up for part in all_gather_object(local) for name, up in part.items()}
+
+
+@torch.no_grad()
+def apply_action_distributed(
+    model: nn.Module, alignment: AlignmentSubspace | None, chosen: Sequence[str],
+    action: str | Callable[..., ActionReport] = "prune", adapter_name: str | None = None,
+) -> ActionReport:
+    """:func:`~splora_callback.pruning.apply_action` on every rank's replica, with a sliced alignment.
+
+    ``prune`` needs no alignment; ``project`` gets each ``C B`` from the layer's owner. A callable
+    action runs on every rank with that rank's alignment slice. Collective.
+
+    Raises:
+        ValueError: the model is sharded (see :func:`warn_if_sharded`; write the acted adapter
+            with :func:`save_acted_adapter_distributed` instead).
+    """
+    if world_size() == 1 and sharding_engine(model) == "none":
+        return apply_action(model, alignment, chosen, action, adapter_name)
+    if action != "none" and warn_if_sharded(model, action if isinstance(action, str) else "custom"):
+        raise ValueError(
+            f"action={action!r} cannot modify a sharded model ({sharding_engine(model)}) in place; call "
+            "save_acted_adapter_distributed() and load the written adapter into an unsharded model."
+        )
+    replica = unwrap_parallel(model)
+    if action != "project":
+        return apply_action(replica, alignment, chosen, action, adapter_name)
+    adapter = resolve_adapter_name(replica, adapter_name)
+    projected = _projected_up(model, alignment, chosen, adapter)
+    for name, layer in lora_layers(replica, adapter)[1]:
+        if name in projected:
+            weight = layer.lora_B[adapter].weight
+            weight.copy_(projected[name].to(device=weight.device, dtype=weight.dtype))
+    return ActionReport("project", list(chosen), adapter)
+
+
+def _gather_adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """Collective: the adapter's tensors, full, on the main process (``{}`` elsewhere and unsharded).
+
+    FSDP v1 is read by module (any ``use_orig_params``), already under PEFT's keys; the other
+    engines by parameter, under the model's parameter names.
+
+    Raises:
+        NotImplementedError: FSDP v1 with adapter parameters besides LoRA factors (``modules_to_save``).
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    root, engine, full = unwrap_parallel(model), sharding_engine(model), {}
+    if engine == "none":
+        return full
+    if engine == "fsdp":
+        extra = [name for name, module in root.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+        if extra:  # PEFT cannot match their FSDP-wrapped names; the same on every rank
+            raise NotImplementedError(
+                f"FSDP v1: adapter modules besides LoRA layers ({_clean(extra[0])}) cannot be saved by SPLoRA; "
+                "save with trainer.save_model() and prune the saved adapter with `splora prune`."
+            )
+        for update in lora_updates_gathered(model, adapter, keep=None if is_main_process() else ()):
+            full[f"{PEFT_PREFIX}{update.name}.lora_A.weight"] = update.lora_A.cpu().clone()
+            full[f"{PEFT_PREFIX}{update.name}.lora_B.weight"] = update.lora_B.cpu().clone()
+        return full
+    for raw, param in root.named_parameters():
+        if f".{adapter}." not in raw:  # never gather base weights
+            continue
+        with gathered([param], model=root) as (tensor,):
+            if is_main_process():
+                full[raw] = tensor.cpu().clone()
+    return full
+
+
+def _peft_state_dict(model: nn.Module, adapter: str, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's adapter state dict (keys without the adapter name), from the live or gathered tensors."""
+    from peft import get_peft_model_state_dict
+
+    engine, peft_model = sharding_engine(model), _inner(unwrap_parallel(model))
+    if engine == "fsdp":
+        return dict(full)
+    return get_peft_model_state_dict(peft_model, state_dict=full if engine != "none" else None, adapter_name=adapter)
+
+
+@torch.no_grad()
+def save_acted_adapter_distributed(
+    model: nn.Module, output_dir: str | os.PathLike, chosen: Sequence[str], action: str = "prune",
+    alignment: AlignmentSubspace | None = None, adapter_name: str | None = None, overwrite: bool = False,
+) -> None:
+    """:func:`~splora_callback.pruning.save_acted_adapter` for any engine: the live model is untouched.
+
+    Collective: adapter tensors are gathered one at a time to the main process, ``project``'s
+    ``C B`` come from each layer's owner, and the main process writes the adapter (atomically);
+    an error there is raised on every rank.
+    """
+    if world_size() == 1 and sharding_engine(model) == "none":
+        save_acted_adapter(model, output_dir, chosen, action, alignment, adapter_name, overwrite=overwrite)
+        return
+    adapter = lora_layers(model, adapter_name)[0]
+    projected = _projected_up(model, alignment, chosen, adapter) if action == "project" else {}
+    full = _gather_adapter_tensors(model, adapter)
+
+    def write() -> None:
+        tensors = _peft_state_dict(model, adapter, full)
+        for name, up in projected.items():
+            key = f"{PEFT_PREFIX}{name}.lora_B.weight"
+            tensors[key] = up.to(tensors[key].dtype)
+        config = _inner(unwrap_parallel(model)).peft_config[adapter].to_dict()
+        acted = acted_state_dict(tensors, chosen, "prune" if action == "prune" else "none")
+        write_adapter(output_dir, acted, acted_config(config, chosen, action), overwrite=overwrite)
+
+    on_main(write)
