@@ -9,6 +9,7 @@ from .callback import SPLoRACallback
 from .checkpoint import CheckpointError, SafetensorsCheckpoint
 from .config import SPLoRAConfig
 from .layers import LoraUpdate, NoLoraLayersError, UnsupportedAdapterError, lora_updates_from_model
+from .probe import SafetyProbe
 from .pruning import ActionReport, apply_action, prune_layers, save_acted_adapter
 from .report import write_html_report
 from .scoring import LayerScore, LayerScores, score_layers
@@ -28,6 +29,7 @@ __all__ = [
     "SPLoRACallback",
     "SPLoRAConfig",
     "SafetensorsCheckpoint",
+    "SafetyProbe",
     "UnsupportedAdapterError",
     "apply_action",
     "lora_updates_from_model",

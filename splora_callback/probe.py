@@ -1,0 +1,403 @@
+"""Safety-probe attribution (spec 3b): which LoRA layers lower the loss of refusing harmful prompts.
+
+With ``L`` = the mean token loss of refusal responses to harmful prompts (response tokens only,
+eval mode, LoRA dropout off), removing layer l's update ``dW = s B A`` changes ``L`` by
+``-<dL/dW_eff, dW>_F`` to first order, and
+
+    probe[l] = <dL/dW_eff[l], s B A>_F = <dL/dA[l], A[l]>_F = <dL/dB[l], B[l]>_F.
+
+Higher ``probe[l]`` = removing the update lowers the refusal loss more = more suspect. Only the
+``lora_A`` gradients are needed, taken with ``torch.autograd.grad``: no ``.grad`` field, optimizer
+or base-weight gradient is touched. Under ``torch.distributed`` each rank scores its slice of the
+probe set and only one scalar per layer (plus a token count) is all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import (
+    IGNORE_INDEX,
+    REFUSAL_TEMPLATES,
+    assert_disjoint,
+    load_harmbench_behaviors,
+    pad_batch,
+    render_chat_examples,
+)
+from .layers import check_supported, iter_lora_layers, resolve_adapter_name, unwrap_peft
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, repr=False)
+class SafetyProbe:
+    """A tokenised probe set: harmful prompts with refusal responses, loss on the responses only.
+
+    Attributes:
+        input_ids: (N, T) int64 token ids, padded (right padding from :meth:`from_pairs`).
+        attention_mask: (N, T), 0 on padding.
+        labels: (N, T) int64, ``IGNORE_INDEX`` (-100) on prompt and padding tokens; HF convention
+            (``labels[:, t]`` is the target of the logits at ``t - 1``).
+        prompts: the harmful prompts, when known (reports show them; never use evaluation prompts).
+        batch_size: examples per forward/backward micro-batch (memory, not result).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prompts: tuple[str, ...] | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids.shape)
+        if len(shape) != 2 or shape[0] == 0:
+            raise ValueError(f"SafetyProbe.input_ids must be (N, T) with N >= 1, got shape {shape}.")
+        for name in ("attention_mask", "labels"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"SafetyProbe.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}.")
+        if self.prompts is not None and len(self.prompts) != shape[0]:
+            raise ValueError(f"SafetyProbe.prompts has {len(self.prompts)} entries for {shape[0]} examples.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"SafetyProbe.batch_size={self.batch_size!r}: must be an integer >= 1.")
+        if ((self.labels != IGNORE_INDEX) & (self.attention_mask == 0)).any():
+            raise ValueError("SafetyProbe.labels: padding tokens (attention_mask 0) must be labelled -100.")
+        if self.response_tokens == 0:
+            raise ValueError("SafetyProbe.labels: no response token (every label is -100); nothing to probe.")
+
+    @classmethod
+    def from_tensors(
+        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+        prompts: Sequence[str] | None = None, batch_size: int = 8,
+    ) -> SafetyProbe:
+        """A probe from tensors tokenised by the user ((N, T) each, labels -100 outside responses).
+
+        Right padding is safest: with left padding, models that number positions by column see
+        shifted positions for the padded rows.
+        """
+        return cls(
+            input_ids.detach().to("cpu", torch.long), attention_mask.detach().to("cpu", torch.long),
+            labels.detach().to("cpu", torch.long), None if prompts is None else tuple(prompts), batch_size,
+        )
+
+    @classmethod
+    def from_pairs(
+        cls, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_length: int = 256, batch_size: int = 8,
+    ) -> SafetyProbe:
+        """A probe from (harmful prompt, refusal) pairs.
+
+        With a chat template: user turn = prompt, assistant turn = refusal (the template's end of turn
+        included in the loss). Without one: ``prompt + "\\n"`` then ``refusal + eos`` (warned).
+        Labels mask the prompt part; responses longer than ``max_length`` tokens are cut.
+
+        Raises:
+            ValueError: no pairs, a pair that is not two strings, or a prompt filling ``max_length``.
+        """
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("SafetyProbe.from_pairs: pairs is empty; pass [(harmful prompt, refusal), ...].")
+        for pair in pairs:
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(text, str) for text in pair):
+                raise ValueError(f"SafetyProbe.from_pairs: expected (prompt, refusal) strings, got {pair!r}.")
+        if getattr(tokenizer, "chat_template", None):
+            examples = render_chat_examples(tokenizer, pairs, max_length)
+        else:
+            logger.warning("Tokenizer has no chat template: probing with plain 'prompt\\nrefusal<eos>' text.")
+            examples = _render_plain(tokenizer, pairs, max_length)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batch = pad_batch(examples, 0 if pad_id is None else pad_id)
+        return cls(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                   tuple(prompt for prompt, _ in pairs), batch_size)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_tokens(self) -> int:
+        """Number of tokens whose loss enters ``L`` (labels shifted by one, as the model sees them)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary for reports: sizes and the probe prompts (None if tokenised by the user)."""
+        return {
+            "examples": len(self),
+            "response_tokens": self.response_tokens,
+            "max_tokens": int(self.input_ids.shape[1]),
+            "batch_size": self.batch_size,
+            "prompts": None if self.prompts is None else list(self.prompts),
+        }
+
+    def __repr__(self) -> str:
+        source = "user tensors" if self.prompts is None else f"first prompt {self.prompts[0][:40]!r}"
+        return f"SafetyProbe({len(self)} examples, {self.response_tokens} response tokens, {source})"
+
+    def check_disjoint(self, evaluation_prompts: Sequence[str]) -> None:
+        """Raise ``ValueError`` if a probe prompt is also an evaluation prompt (spec 3b).
+
+        Raises:
+            ValueError: prompts overlap, or the probe has no prompts to compare (``from_tensors``).
+        """
+        if self.prompts is None:
+            raise ValueError("This probe was built from tensors: pass prompts= to from_tensors to check it.")
+        assert_disjoint(probe=self.prompts, evaluation=list(evaluation_prompts))
+
+    def attribute(self, model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
+        """``probe[l]`` for every LoRA layer of ``adapter_name``: module name -> float (spec 3b).
+
+        Names are those of :func:`~splora_callback.layers.lora_updates_from_model`. The model's
+        training modes, ``requires_grad`` flags, ``.grad`` fields and the global torch/CUDA RNG
+        states are as before afterwards. Under ``torch.distributed`` every rank must call this
+        with the same probe; each rank computes its slice and the result is the same everywhere.
+
+        Raises:
+            ValueError: the adapter is not active in some layer, or grad is impossible
+                (``torch.inference_mode``).
+            UnsupportedAdapterError: DoRA and other variants (see ``layers.check_supported``).
+        """
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        factors = lora_factors(module, resolve_adapter_name(module, adapter_name))
+        rank, world = _rank_and_world()
+        rows = slice(rank, None, world)
+        with preserved_state(module, factors.values()):
+            part = attribute_slice(
+                module, self.input_ids[rows], self.attention_mask[rows], self.labels[rows], factors,
+                batch_size=self.batch_size, normalizer=self.response_tokens,
+            )
+        if world > 1:
+            part = _all_reduce(part, next(iter(factors.values())).device)
+        if part.tokens != self.response_tokens:  # every rank must hold the same probe
+            raise RuntimeError(
+                f"Probe slices covered {part.tokens} response tokens, the probe has {self.response_tokens}: "
+                "under torch.distributed every rank must call attribute() with the same probe."
+            )
+        return {name: float(value) for name, value in zip(factors, part.sums.tolist(), strict=True)}
+
+
+class SliceAttribution(NamedTuple):
+    """Attribution of a slice of the probe set.
+
+    Attributes:
+        sums: (layers,) float64, ``sum over the slice's response tokens t of <d loss_t / dA_l, A_l>``
+            divided by the normalizer: with the probe's total token count, the slices' sums add up
+            to ``probe[l]`` (each rank's share is weighted by its number of response tokens).
+        tokens: number of response tokens in the slice.
+    """
+
+    sums: torch.Tensor
+    tokens: int
+
+
+def lora_factors(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Module name -> ``lora_A[adapter_name].weight`` (r, n), in module order.
+
+    Raises:
+        ValueError: no LoRA layer, or the adapter is disabled / not active in a layer (its update
+            would not be in the forward pass, so its attribution would be a silent zero).
+    """
+    factors = {}
+    for name, layer in iter_lora_layers(model, adapter_name):
+        check_supported(name, layer, adapter_name)
+        if layer.disable_adapters or adapter_name not in layer.active_adapters:
+            raise ValueError(
+                f"{name}: adapter {adapter_name!r} is not active (active: {list(layer.active_adapters)}, "
+                f"disabled: {layer.disable_adapters}); call model.set_adapter({adapter_name!r}) first."
+            )
+        factors[name] = layer.lora_A[adapter_name].weight
+    if not factors:
+        raise ValueError(f"No LoRA layer holds adapter {adapter_name!r}: nothing to attribute.")
+    return factors
+
+
+def attribute_slice(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    factors: Mapping[str, torch.Tensor], *, batch_size: int = 8, normalizer: int | None = None,
+) -> SliceAttribution:
+    """Sum over the slice's response tokens of ``<d loss_t/dA_l, A_l>`` / ``normalizer``; no collective.
+
+    Pure apart from the forward/backward passes: the caller sets eval mode and ``requires_grad``
+    (see :func:`preserved_state`). Examples are batched by length (order does not change the sum).
+
+    Args:
+        model: a model with LoRA layers (a ``PeftModel`` or the transformers model inside it).
+        input_ids, attention_mask, labels: (n, T) slice of a :class:`SafetyProbe`; n may be 0.
+        factors: module name -> ``lora_A`` weight (r, n_in), all requiring grad.
+        normalizer: divides the summed token loss (default: the slice's own response tokens, i.e. the
+            slice's mean-loss attribution). Pass the whole probe's count to get additive shares:
+            gradients then have the size of a mean-loss training step's (safer in fp16).
+    """
+    params = list(factors.values())
+    sums = torch.zeros(len(params), dtype=torch.float64)
+    tokens = 0
+    if normalizer is None:
+        normalizer = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
+    lengths = _lengths(attention_mask)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    device = params[0].device
+    inner = unwrap_peft(model)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(lengths[i] for i in rows)
+        batch_labels = labels[rows, :width].to(device)
+        targets_mask = batch_labels[:, 1:] != IGNORE_INDEX  # (b, width - 1): positions that predict
+        count = int(targets_mask.sum())
+        if count == 0:
+            continue
+        with torch.enable_grad():
+            logits = _response_logits(
+                inner, input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device), targets_mask
+            )
+            # fp32 at least: a token loss summed in bf16 loses the small differences we attribute
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits, batch_labels[:, 1:][targets_mask], reduction="sum") / normalizer
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
+            if grad is not None:  # float64: the dot of small gradients with small factors
+                sums[index] += torch.sum(grad.double() * param.detach().double()).cpu()
+        tokens += count
+    return SliceAttribution(sums, tokens)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Eval mode, grad enabled on ``params``; on exit every module's mode, the flags and the RNG states
+    are put back exactly (eval mode consumes no randomness; the RNG is restored anyway)."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError("Probe attribution needs gradients: call it outside torch.inference_mode().")
+    modes = [(module, module.training) for module in model.modules()]
+    frozen = [param for param in params if not param.requires_grad]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        model.eval()
+        for param in frozen:  # e.g. an adapter loaded for inference (is_trainable=False)
+            param.requires_grad_(True)
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+        for module, training in modes:
+            module.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def probe_pairs(
+    prompts: Sequence[str], *, seed: int, templates: Sequence[str] = REFUSAL_TEMPLATES
+) -> list[tuple[str, str]]:
+    """(prompt, refusal) pairs, one template per prompt drawn with ``random.Random(seed)``.
+
+    With the default templates this equals :func:`splora_callback.data.refusal_pairs`.
+    """
+    if not templates:
+        raise ValueError("probe_pairs: templates is empty.")
+    rng = random.Random(seed)
+    return [(prompt, rng.choice(templates)) for prompt in prompts]
+
+
+def harmbench_probe(
+    tokenizer: Any, n: int = 40, *, seed: int = 0, exclude: Sequence[str] = (), max_length: int = 256,
+    batch_size: int = 8, templates: Sequence[str] = REFUSAL_TEMPLATES,
+) -> SafetyProbe:
+    """A probe of ``n`` HarmBench standard behaviors (seeded) with templated refusals.
+
+    Args:
+        exclude: prompts that must not be probes (the evaluation prompts, spec 3b).
+
+    Raises:
+        ImportError: HarmBench's package is missing; the message gives the install command.
+        ValueError: fewer than ``n`` prompts remain after ``exclude``.
+    """
+    behaviors = load_harmbench_behaviors("standard")
+    pool = sorted(set(behaviors) - set(exclude))
+    if n < 1 or n > len(pool):
+        raise ValueError(
+            f"harmbench_probe: n={n} but {len(pool)} of {len(set(behaviors))} HarmBench standard prompts "
+            f"remain after excluding {len(set(exclude))}; probes must not overlap evaluation prompts, "
+            "so ask for fewer."
+        )
+    prompts = random.Random(seed).sample(pool, n)
+    return SafetyProbe.from_pairs(
+        tokenizer, probe_pairs(prompts, seed=seed, templates=templates), max_length=max_length,
+        batch_size=batch_size,
+    )
+
+
+def _render_plain(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> list[dict[str, list[int]]]:
+    """``render_chat_examples`` for tokenizers without a chat template: prompt + newline, refusal + eos."""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    examples = []
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt + "\n")["input_ids"]
+        if len(prompt_ids) >= max_length:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}: {prompt[:80]!r}")
+        response_ids = (tokenizer(response, add_special_tokens=False)["input_ids"] + eos)[: max_length - len(prompt_ids)]
+        examples.append({
+            "input_ids": prompt_ids + response_ids,
+            "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        })
+    return examples
+
+
+def _lengths(attention_mask: torch.Tensor) -> list[int]:
+    """Per row, one past the last attended position (right or left padding alike)."""
+    width = attention_mask.shape[1]
+    positions = torch.arange(1, width + 1).expand_as(attention_mask)
+    return (positions * (attention_mask != 0)).amax(dim=1).tolist() if width else []
+
+
+def _response_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets_mask: torch.Tensor
+) -> torch.Tensor:
+    """(number of True in ``targets_mask``, vocab) logits at the positions that predict a response token.
+
+    transformers' ``logits_to_keep`` with a boolean (b, T) mask skips the LM head elsewhere
+    (prompt tokens are most of a probe; the head is a large share of a small model's FLOPs and of
+    memory at a 128k vocabulary); models without it get full logits, masked here.
+    """
+    keep = torch.cat([targets_mask, torch.zeros_like(targets_mask[:, :1])], dim=1)
+    if _accepts_logits_to_keep(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=keep).logits
+        if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
+            return logits
+        logger.debug("logits_to_keep gave logits of shape %s: using full logits.", tuple(logits.shape))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits[keep]
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import transformers.modeling_utils as modeling_utils
+
+    # boolean (b, T) masks arrived with slice_logits_to_keep; older versions only take int / 1D
+    return hasattr(modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(
+        model.forward
+    ).parameters
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(part: SliceAttribution, device: torch.device) -> SliceAttribution:
+    """Sum the per-layer shares and token counts over ranks: one (layers + 1,) float64 all-reduce.
+
+    No gradient is communicated. NCCL needs the tensor on the GPU; gloo takes CPU tensors.
+    """
+    on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    packed = torch.cat([part.sums, torch.tensor([part.tokens], dtype=torch.float64)]).to(on)
+    torch.distributed.all_reduce(packed)
+    packed = packed.cpu()
+    return SliceAttribution(packed[:-1], int(packed[-1]))

