@@ -6,10 +6,15 @@ eval mode, LoRA dropout off), removing layer l's update ``dW = s B A`` changes `
 
     probe[l] = <dL/dW_eff[l], s B A>_F = <dL/dA[l], A[l]>_F = <dL/dB[l], B[l]>_F.
 
-Higher ``probe[l]`` = removing the update lowers the refusal loss more = more suspect. Only the
-``lora_A`` gradients are needed, taken with ``torch.autograd.grad``: no ``.grad`` field, optimizer
-or base-weight gradient is touched. Under ``torch.distributed`` each rank scores its slice of the
-probe set and only one scalar per layer (plus a token count) is all-reduced.
+Higher ``probe[l]`` = removing the update lowers the refusal loss more = more suspect.
+
+Computed in its activation form: with ``y_t = A x_t`` the output of ``lora_A`` at token t,
+``dL/dA = sum_t (dL/dy_t) x_t^T``, so ``<dL/dA, A>_F = sum_t <dL/dy_t, y_t>``. Forward hooks keep
+the ``lora_A`` outputs (b, T, r) and ``torch.autograd.grad`` differentiates the loss with respect to
+them: no parameter is read, so sharded parameters (FSDP, ZeRO-3) need no gather, and no ``.grad``
+field, ``requires_grad`` flag, optimizer or base-weight gradient is touched. Under
+``torch.distributed`` each rank scores its slice of the probe set and only one scalar per layer (plus
+a token count) is all-reduced.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,7 +40,7 @@ from .data import (
     pad_batch,
     render_chat_examples,
 )
-from .layers import check_supported, iter_lora_layers, resolve_adapter_name, unwrap_peft
+from .distributed import lora_layers, unwrap_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -163,23 +169,25 @@ class SafetyProbe:
                 (``torch.inference_mode``).
             UnsupportedAdapterError: DoRA and other variants (see ``layers.check_supported``).
         """
-        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        factors = lora_factors(module, resolve_adapter_name(module, adapter_name))
+        module = unwrap_parallel(model)  # DDP / DeepSpeed engine off; an FSDP root stays (it gathers)
+        layers = lora_down_projections(module, adapter_name)
         rank, world = _rank_and_world()
         rows = slice(rank, None, world)
-        with preserved_state(module, factors.values()):
+        # the same number of passes on every rank: a sharded model gathers inside each one
+        passes = math.ceil(math.ceil(len(self) / world) / self.batch_size) if world > 1 else None
+        with preserved_state(module):
             part = attribute_slice(
-                module, self.input_ids[rows], self.attention_mask[rows], self.labels[rows], factors,
-                batch_size=self.batch_size, normalizer=self.response_tokens,
+                module, self.input_ids[rows], self.attention_mask[rows], self.labels[rows], layers,
+                batch_size=self.batch_size, normalizer=self.response_tokens, passes=passes,
             )
         if world > 1:
-            part = _all_reduce(part, next(iter(factors.values())).device)
+            part = _all_reduce(part, _device(module))
         if part.tokens != self.response_tokens:  # every rank must hold the same probe
             raise RuntimeError(
                 f"Probe slices covered {part.tokens} response tokens, the probe has {self.response_tokens}: "
                 "under torch.distributed every rank must call attribute() with the same probe."
             )
-        return {name: float(value) for name, value in zip(factors, part.sums.tolist(), strict=True)}
+        return {name: float(value) for name, value in zip(layers, part.sums.tolist(), strict=True)}
 
 
 class SliceAttribution(NamedTuple):
@@ -196,94 +204,131 @@ class SliceAttribution(NamedTuple):
     tokens: int
 
 
-def lora_factors(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-    """Module name -> ``lora_A[adapter_name].weight`` (r, n), in module order.
+def lora_down_projections(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:
+    """Module name -> the ``lora_A`` module (``Linear(n, r)``, possibly FSDP-wrapped), in module order.
+
+    Names as :func:`~splora_callback.layers.lora_updates_from_model` gives them, whatever the wrapper
+    (:func:`~splora_callback.distributed.lora_layers`).
 
     Raises:
-        ValueError: no LoRA layer, or the adapter is disabled / not active in a layer (its update
-            would not be in the forward pass, so its attribution would be a silent zero).
+        ValueError: the adapter is disabled or not active in a layer (its update would not be in
+            the forward pass, so its attribution would be a silent zero).
+        NoLoraLayersError, UnsupportedAdapterError: no LoRA layer; DoRA and other variants.
     """
-    factors = {}
-    for name, layer in iter_lora_layers(model, adapter_name):
-        check_supported(name, layer, adapter_name)
-        if layer.disable_adapters or adapter_name not in layer.active_adapters:
+    adapter, layers = lora_layers(model, adapter_name)
+    for name, layer in layers:
+        if layer.disable_adapters or adapter not in layer.active_adapters:
             raise ValueError(
-                f"{name}: adapter {adapter_name!r} is not active (active: {list(layer.active_adapters)}, "
-                f"disabled: {layer.disable_adapters}); call model.set_adapter({adapter_name!r}) first."
+                f"{name}: adapter {adapter!r} is not active (active: {list(layer.active_adapters)}, "
+                f"disabled: {layer.disable_adapters}); call model.set_adapter({adapter!r}) first."
             )
-        factors[name] = layer.lora_A[adapter_name].weight
-    if not factors:
-        raise ValueError(f"No LoRA layer holds adapter {adapter_name!r}: nothing to attribute.")
-    return factors
+    return {name: layer.lora_A[adapter] for name, layer in layers}
 
 
 def attribute_slice(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-    factors: Mapping[str, torch.Tensor], *, batch_size: int = 8, normalizer: int | None = None,
+    layers: Mapping[str, nn.Module], *, batch_size: int = 8, normalizer: int | None = None,
+    passes: int | None = None,
 ) -> SliceAttribution:
     """Sum over the slice's response tokens of ``<d loss_t/dA_l, A_l>`` / ``normalizer``; no collective.
 
-    Pure apart from the forward/backward passes: the caller sets eval mode and ``requires_grad``
-    (see :func:`preserved_state`). Examples are batched by length (order does not change the sum).
+    Pure apart from the forward/backward passes: the caller sets eval mode (LoRA dropout off: the
+    activation form needs ``lora_A``'s input to be the layer input; see :func:`preserved_state`).
+    Examples are batched by length (order does not change the sum).
 
     Args:
-        model: a model with LoRA layers (a ``PeftModel`` or the transformers model inside it).
+        model: the module to run: a ``PeftModel``, a model with LoRA layers, or an FSDP root around
+            one (its forward gathers the shards). Not a DDP wrapper (its forward would sync buffers).
         input_ids, attention_mask, labels: (n, T) slice of a :class:`SafetyProbe`; n may be 0.
-        factors: module name -> ``lora_A`` weight (r, n_in), all requiring grad.
+        layers: module name -> ``lora_A`` module, from :func:`lora_down_projections`.
         normalizer: divides the summed token loss (default: the slice's own response tokens, i.e. the
             slice's mean-loss attribution). Pass the whole probe's count to get additive shares:
             gradients then have the size of a mean-loss training step's (safer in fp16).
+        passes: run exactly this many forward/backward passes (at least the slice's micro-batches),
+            padding with zero-weight passes on a 2-token dummy and never skipping a micro-batch
+            without response tokens. Sharded models (FSDP, ZeRO-3) gather parameters inside every
+            pass, so all ranks must run the same number. None: only the passes that count.
     """
-    params = list(factors.values())
-    sums = torch.zeros(len(params), dtype=torch.float64)
+    modules = list(layers.values())
+    sums = torch.zeros(len(modules), dtype=torch.float64)
     tokens = 0
     if normalizer is None:
         normalizer = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
     lengths = _lengths(attention_mask)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    device = params[0].device
-    inner = unwrap_peft(model)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(lengths[i] for i in rows)
-        batch_labels = labels[rows, :width].to(device)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if passes is not None:
+        if passes < len(batches):
+            raise ValueError(f"passes={passes} but the slice has {len(batches)} micro-batches of {batch_size}.")
+        batches += [None] * (passes - len(batches))
+    device = _device(model)
+    for rows in batches:
+        if rows is None:  # zero-weight pass: keeps the ranks' collectives in step
+            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+            batch_ids, batch_mask, batch_labels = ids, torch.ones_like(ids), torch.full_like(ids, IGNORE_INDEX)
+        else:
+            width = max(lengths[i] for i in rows)
+            batch_ids, batch_mask = input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device)
+            batch_labels = labels[rows, :width].to(device)
         targets_mask = batch_labels[:, 1:] != IGNORE_INDEX  # (b, width - 1): positions that predict
         count = int(targets_mask.sum())
-        if count == 0:
+        if count == 0 and passes is None:
             continue
+        with torch.enable_grad(), _captured_outputs(modules) as outputs:
+            logits = _response_logits(model, batch_ids, batch_mask, targets_mask)
+            captured = [(index, output) for index, calls in enumerate(outputs) for output in calls]
         with torch.enable_grad():
-            logits = _response_logits(
-                inner, input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device), targets_mask
-            )
             # fp32 at least: a token loss summed in bf16 loses the small differences we attribute
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(logits, batch_labels[:, 1:][targets_mask], reduction="sum") / normalizer
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
-            if grad is not None:  # float64: the dot of small gradients with small factors
-                sums[index] += torch.sum(grad.double() * param.detach().double()).cpu()
+            grads = torch.autograd.grad(loss, [output for _, output in captured], allow_unused=True)
+        for (index, output), grad in zip(captured, grads, strict=True):
+            if grad is not None:  # float64: a sum of many small products
+                sums[index] += torch.sum(grad.double() * output.detach().double()).cpu()
         tokens += count
     return SliceAttribution(sums, tokens)
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Eval mode, grad enabled on ``params``; on exit every module's mode, the flags and the RNG states
-    are put back exactly (eval mode consumes no randomness; the RNG is restored anyway)."""
+def _captured_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Forward hooks that keep every output of ``modules`` (a list per module: a module may run twice).
+
+    An output that does not require grad (every parameter above it frozen, e.g. an adapter loaded
+    for inference) is replaced by a leaf that does: nothing above it is in the graph, so nothing
+    is cut, and the layers after it get a graph through it.
+    """
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def hook_for(index: int):
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            outputs[index].append(output)
+            return output
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(index)) for index, module in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; on exit every module's training mode and the torch/CUDA RNG states are
+    put back exactly (eval mode consumes no randomness; the RNG is restored anyway)."""
     if torch.is_inference_mode_enabled():
         raise ValueError("Probe attribution needs gradients: call it outside torch.inference_mode().")
     modes = [(module, module.training) for module in model.modules()]
-    frozen = [param for param in params if not param.requires_grad]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         model.eval()
-        for param in frozen:  # e.g. an adapter loaded for inference (is_trainable=False)
-            param.requires_grad_(True)
         yield
     finally:
-        for param in frozen:
-            param.requires_grad_(False)
         for module, training in modes:
             module.training = training
         torch.set_rng_state(cpu_rng)
@@ -377,12 +422,19 @@ def _response_logits(
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the transformers model inside ``model`` (any wrapper) takes a boolean ``logits_to_keep``."""
     import transformers.modeling_utils as modeling_utils
 
     # boolean (b, T) masks arrived with slice_logits_to_keep; older versions only take int / 1D
-    return hasattr(modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(
-        model.forward
-    ).parameters
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
+    causal_lm = next((m for m in model.modules() if isinstance(m, modeling_utils.PreTrainedModel)), None)
+    return causal_lm is not None and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model computes (a sharded parameter still reports its device)."""
+    return next(model.parameters()).device
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -24,7 +24,7 @@ from splora_callback.probe import (
     SafetyProbe,
     attribute_slice,
     harmbench_probe,
-    lora_factors,
+    lora_down_projections,
     preserved_state,
     probe_pairs,
 )
@@ -292,10 +292,10 @@ def test_slices_combine_token_weighted_to_the_single_process_result():
     model = llama_model(seed=7)
     probe = random_probe(seed=7, n=5)
     whole = probe.attribute(model)
-    factors = lora_factors(model, "default")
+    factors = lora_down_projections(model, "default")
     total = probe.response_tokens
     shares, means = [], []
-    with preserved_state(model, factors.values()):
+    with preserved_state(model):
         for rows in (slice(0, None, 2), slice(1, None, 2)):  # what ranks 0 and 1 of 2 get
             args = (model, probe.input_ids[rows], probe.attention_mask[rows], probe.labels[rows], factors)
             shares.append(attribute_slice(*args, batch_size=2, normalizer=total))
