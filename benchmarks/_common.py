@@ -45,7 +45,7 @@ def load_text() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
-def wait_for_load(threshold: float | None, max_wait_s: float = 900.0, poll_s: float = 15.0) -> None:
+def wait_for_load(threshold: float | None, max_wait_s: float = 3600.0, poll_s: float = 15.0) -> None:
     """Block until the 1-minute load average is at most ``threshold`` (None: do not wait).
 
     The CPU is shared; timings taken at a load above the core count are mostly queueing.

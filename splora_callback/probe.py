@@ -163,6 +163,9 @@ class SafetyProbe:
         training modes, ``requires_grad`` flags, ``.grad`` fields and the global torch/CUDA RNG
         states are as before afterwards. Under ``torch.distributed`` every rank must call this
         with the same probe; each rank computes its slice and the result is the same everywhere.
+        ``model`` may be wrapped in DDP, FSDP (v1 or v2) or a DeepSpeed ZeRO-3 engine (tested on 2
+        gloo processes). Under ZeRO-3 the ``lora_A`` weights of the first adapted modules (those
+        whose own backward is not needed) stay gathered until the next training step releases them.
 
         Raises:
             ValueError: the adapter is not active in some layer, or grad is impossible
