@@ -145,7 +145,7 @@ def main() -> None:
         table,
         "",
         "Probe cost: " + "; ".join(verdicts) + ".",
-        "The probe is a forward and backward pass over its tokens (backward to lora_A only, no optimizer), "
+        "The probe is a forward and backward pass over its tokens (backward to the lora_A outputs only: no weight gradient, no optimizer), "
         "so its cost follows its token count: compare the tokens/s column. Fewer pairs cost proportionally "
         "less.",
     ])
