@@ -218,7 +218,9 @@ def evaluate_variants(
     return rows
 
 
-def check_lora_effect(rows: Sequence[dict[str, Any]], required: bool, refusal_ratio: float = 0.5) -> dict[str, Any]:
+def check_lora_effect(
+    rows: Sequence[dict[str, Any]], required: bool, refusal_ratio: float = 0.5
+) -> dict[str, Any]:
     """The premise of every comparison: the LoRA learned its task and lost refusals.
 
     Learned: task ROUGE-L above the aligned model's. Lost: refusal rate at most ``refusal_ratio``
@@ -229,7 +231,10 @@ def check_lora_effect(rows: Sequence[dict[str, Any]], required: bool, refusal_ra
     """
     aligned, lora = rows[0], rows[1]
     learned = lora["rougeL"] > aligned["rougeL"]
-    lost = lora["refusal_rate"] <= refusal_ratio * aligned["refusal_rate"] and lora["refusal_rate"] < aligned["refusal_rate"]
+    lost = (
+        lora["refusal_rate"] <= refusal_ratio * aligned["refusal_rate"]
+        and lora["refusal_rate"] < aligned["refusal_rate"]
+    )
     verdict = {
         "learned_task": learned,
         "lost_refusals": lost,
@@ -237,17 +242,21 @@ def check_lora_effect(rows: Sequence[dict[str, Any]], required: bool, refusal_ra
         "aligned": {k: aligned[k] for k in ("refusal_rate", "rougeL")},
         "lora": {k: lora[k] for k in ("refusal_rate", "rougeL")},
     }
-    print(f"LoRA premise: task ROUGE-L {aligned['rougeL']:.3f} -> {lora['rougeL']:.3f} "
-          f"({'learned' if learned else 'NOT learned'}); refusal {aligned['refusal_rate']:.3f} -> "
-          f"{lora['refusal_rate']:.3f} ({'lost' if lost else 'NOT lost'}, needs <= {refusal_ratio:g} x aligned)",
-          flush=True)
+    print(
+        f"LoRA premise: task ROUGE-L {aligned['rougeL']:.3f} -> {lora['rougeL']:.3f} "
+        f"({'learned' if learned else 'NOT learned'}); refusal {aligned['refusal_rate']:.3f} -> "
+        f"{lora['refusal_rate']:.3f} ({'lost' if lost else 'NOT lost'}, needs <= {refusal_ratio:g} x aligned)",
+        flush=True,
+    )
     if required and not (learned and lost):
         problems = []
         if not learned:
             problems.append(f"task ROUGE-L did not rise ({aligned['rougeL']:.3f} -> {lora['rougeL']:.3f})")
         if not lost:
-            problems.append(f"refusals did not drop to <= {refusal_ratio:g} x the aligned model's "
-                            f"({aligned['refusal_rate']:.3f} -> {lora['refusal_rate']:.3f})")
+            problems.append(
+                f"refusals did not drop to <= {refusal_ratio:g} x the aligned model's "
+                f"({aligned['refusal_rate']:.3f} -> {lora['refusal_rate']:.3f})"
+            )
         raise RuntimeError(
             "The fine-tune did not do what the comparison needs: " + "; ".join(problems) + ". Comparing "
             "pruning rules would measure nothing. Fix the setup (more train.max_steps, a higher train.lr, or a "
@@ -339,7 +348,8 @@ def run_evaluation(
             data,
             spec,
             check=lambda done: premise.update(
-                check_lora_effect(done, spec["require_lora_effect"], spec.get("premise_refusal_ratio", 0.5))),
+                check_lora_effect(done, spec["require_lora_effect"], spec.get("premise_refusal_ratio", 0.5))
+            ),
         )
     return {
         "base": base,
@@ -572,8 +582,10 @@ def write_results(
         "machine": machine_load(),
         "premise": results["premise"],
         "meteor_variant": METEOR_VARIANT,
-        "sizes": {key: len(data[key]) for key in
-                  ("task_train", "task_eval", "harmful_train", "eval_prompts", "probe_prompts")},
+        "sizes": {
+            key: len(data[key])
+            for key in ("task_train", "task_eval", "harmful_train", "eval_prompts", "probe_prompts")
+        },
         "probe": results["probe"],
         "evaluation_prompts": data["eval_prompts"],
         "callback": results["callback"],
@@ -603,9 +615,36 @@ def kind_table(payload: dict[str, Any]) -> str:
     for row in payload["rows"]:
         if row["rule"] in RULES and row["control"] is None and row["layers"]:
             counts = Counter(kinds[name] for name in row["layers"])
-            lines.append(f"| {row['label']} | {row['n_layers']} ({_fraction(row['fraction'])}) | "
-                         + " | ".join(str(counts.get(kind, 0)) for kind in names) + " |")
+            lines.append(
+                f"| {row['label']} | {row['n_layers']} ({_fraction(row['fraction'])}) | "
+                + " | ".join(str(counts.get(kind, 0)) for kind in names)
+                + " |"
+            )
     return "\n".join(lines)
+
+
+def log_to_wandb(payload: dict[str, Any], output_dir: Path) -> bool:
+    """Results table, figure and premise into the W&B run the Trainer opened (``report_to: wandb``),
+    then finish that run. Returns False (and logs nothing) when no run is open."""
+    import wandb
+
+    if wandb.run is None:
+        return False
+    columns = ["rule", "control", "fraction", "n_layers", "seed", *METRICS]
+    table = wandb.Table(columns=columns, data=[[row[key] for key in columns] for row in payload["rows"]])
+    wandb.run.log(
+        {"splora_eval/results": table, "splora_eval/figure": wandb.Image(str(output_dir / "results.png"))}
+    )
+    premise = payload["premise"]
+    wandb.run.summary.update(
+        {
+            "splora_eval/premise_holds": bool(premise["learned_task"] and premise["lost_refusals"]),
+            "splora_eval/aligned_refusal_rate": premise["aligned"]["refusal_rate"],
+            "splora_eval/lora_refusal_rate": premise["lora"]["refusal_rate"],
+        }
+    )
+    wandb.finish()
+    return True
 
 
 def _json_default(value: Any) -> Any:
@@ -624,7 +663,9 @@ def results_markdown(payload: dict[str, Any]) -> str:
     chosen = callback["config"]
     examples = [
         f"| {rule} | {kind} | {item['prompt'].replace(chr(10), ' / ')[:90]} | {item['answer'].replace(chr(10), ' / ')[:120]} |"
-        for rule, kinds in payload["examples"].items() for kind, items in kinds.items() for item in items
+        for rule, kinds in payload["examples"].items()
+        for kind, items in kinds.items()
+        for item in items
     ]
     lines = [
         "# SPLoRA recipe results",

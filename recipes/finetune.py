@@ -544,8 +544,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="e.g. train.max_steps=10 evaluation.fractions=[0.25]",
     )
-    parser.add_argument("--report-only", action="store_true",
-                        help="evaluate.py only: rewrite results.md / results.png from results.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="evaluate.py only: rewrite results.md / results.png from results.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -604,7 +607,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         callback_report=json.loads((output_dir / "splora_report.json").read_text()),
     )
     timings["total"] = time.perf_counter() - start
-    evaluate.write_results(output_dir, results, timings, config)
+    payload = evaluate.write_results(output_dir, results, timings, config)
+    if config["report_to"] == "wandb":
+        evaluate.log_to_wandb(payload, output_dir)
     print(f"\nTotal: {timings['total']:.1f} s. Results in {output_dir}/results.md")
     return results
 

