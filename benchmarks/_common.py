@@ -97,7 +97,7 @@ def header(load_before: str | None = None) -> str:
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = [
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {memory_total_gib():.0f} GiB RAM "
-        "(CPU shared with other engineers' jobs)",
+        "(nothing else running unless the load average says so)",
         f"- versions: {versions()}",
         f"- date: {now}",
         f"- command: `python {' '.join(sys.argv)}`",

@@ -41,10 +41,6 @@ from _common import (
 from splora_callback.alignment import AlignmentSubspace
 from splora_callback.layers import LoraUpdate
 from splora_callback.metrics import (
-    SPECTRAL_BLOCK,
-    SPECTRAL_ITERATIONS,
-    LayerGeometry,
-    ediem_shape_peers,
     frobenius_norm,
     layer_geometry,
     spectral_norm,
@@ -163,60 +159,6 @@ def float64_check(adapter: Adapter) -> tuple[float, float, str]:
     return dense_error, fast_error, f"{update.shape[0]}x{update.shape[1]}"
 
 
-@torch.no_grad()
-def score_proposed(adapter: Adapter) -> dict:
-    """``score_updates``' geometric pass with the product order of the proposed core change.
-
-    Identical maths and checks skipped (finite, inactive): only ``V^T X`` is computed as ``(X^T V)^T``
-    (see :func:`proposed_geometry`).
-    Used to measure the core change this benchmark recommends, not as a library path.
-    """
-    distances, shapes = {}, {}
-    for update in adapter.updates:
-        name = update.name
-        distances[name] = proposed_geometry(
-            adapter.alignment.directions[name], update.lora_A, update.lora_B, update.scaling,
-            adapter.alignment.spectral_norms[name], adapter.alignment.frobenius_norms[name],
-        ).relative_distance
-        shapes[name] = update.shape
-    return ediem_shape_peers(distances, shapes)
-
-
-@torch.no_grad()
-def proposed_geometry(direction: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                      spectral: float, frobenius: float) -> LayerGeometry:
-    """A copy of ``metrics.layer_geometry`` (float32 inputs) with one line changed: ``V^T X`` as ``(X^T V)^T``.
-
-    Same flops and same result; MKL's ``sgemm`` with a transposed (m, n) operand and r <= 8 columns
-    runs 5-20x below memory bandwidth on this CPU, the untransposed (r, m) x (m, n) form does not.
-    """
-    up_scaled = scaling * lora_b
-    direction_t_up = (up_scaled.T @ direction).T  # the changed line (core: direction.T @ up_scaled)
-    soft_projected_up = direction @ direction_t_up / spectral**2
-    down_gram = (lora_a @ lora_a.T).double()
-    up_gram = (up_scaled.T @ up_scaled).double()
-    update_norm = math.sqrt(max(float(torch.sum(up_gram * down_gram)), 0.0))
-    residual = (soft_projected_up - up_scaled).double()
-    distance = math.sqrt(max(float(torch.sum((residual.T @ residual) * down_gram)), 0.0))
-    projected_gram = (direction_t_up.T @ direction_t_up).double()
-    projected_norm_sq = float(torch.sum((soft_projected_up.double().T @ soft_projected_up.double()) * down_gram))
-    inner = float(torch.sum(projected_gram * down_gram))
-    projected_norm = math.sqrt(max(projected_norm_sq, 0.0)) * spectral**2
-    cosine = inner / (projected_norm * update_norm) if projected_norm > 0 else 0.0
-    signed = float(torch.sum(direction_t_up.double() * lora_a.T.double()))
-    return LayerGeometry(update_norm, distance / update_norm, cosine, signed / (update_norm * frobenius))
-
-
-@torch.no_grad()
-def proposed_spectral_norm(matrix: torch.Tensor, seed: int = 0) -> float:
-    """metrics.spectral_norm with ``V^T Y`` computed as ``(Y^T V)^T`` (same iteration, same result)."""
-    generator = torch.Generator().manual_seed(seed)
-    block = torch.randn(matrix.shape[1], SPECTRAL_BLOCK, generator=generator, dtype=matrix.dtype)
-    for _ in range(SPECTRAL_ITERATIONS):
-        block = torch.linalg.qr(((matrix @ block).T @ matrix).T).Q
-    return float(torch.linalg.svdvals((matrix @ block).double())[0])
-
-
 def machine_rates(pool: dict) -> tuple[float, float]:
     """Measured read bandwidth (GB/s, summing the V pool) and sgemm rate (GFLOP/s, 2048^3)."""
     tensors = [v for values in pool.values() for v in values]
@@ -227,32 +169,14 @@ def machine_rates(pool: dict) -> tuple[float, float]:
     return nbytes / seconds / 1e9, 2 * 2048**3 / gemm / 1e9
 
 
-def spectral_row(shape: tuple[int, int], tensors: list[torch.Tensor]) -> tuple[float, float, float]:
-    """Seconds per module of ``metrics.spectral_norm`` and of the proposed order, and their max rel. diff."""
-    core, proposed, difference = [], [], 0.0
+def spectral_seconds(tensors: list[torch.Tensor]) -> float:
+    """Median seconds per module of ``metrics.spectral_norm``."""
+    seconds = []
     for v in tensors:
         start = time.perf_counter()
-        value = spectral_norm(v)
-        core.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        other = proposed_spectral_norm(v)
-        proposed.append(time.perf_counter() - start)
-        difference = max(difference, abs(value - other) / value)
-    return median(core), median(proposed), difference
-
-
-def proposed_agreement(adapter: Adapter) -> float:
-    """Max |core - proposed| of distance, cosine and signed on the first two modules (q, k)."""
-    worst = 0.0
-    for update in adapter.updates[:2]:
-        norms = (adapter.alignment.spectral_norms[update.name], adapter.alignment.frobenius_norms[update.name])
-        direction = adapter.alignment.directions[update.name]
-        core = layer_geometry(direction, update.lora_A, update.lora_B, update.scaling,
-                              alignment_spectral_norm=norms[0], alignment_frobenius_norm=norms[1])
-        other = proposed_geometry(direction, update.lora_A, update.lora_B, update.scaling, *norms)
-        worst = max(worst, abs(core.relative_distance - other.relative_distance), abs(core.cosine - other.cosine),
-                    abs(core.signed_alignment - other.signed_alignment))
-    return worst
+        spectral_norm(v)
+        seconds.append(time.perf_counter() - start)
+    return median(seconds)
 
 
 def main() -> None:
@@ -264,7 +188,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed whole-adapter scoring calls per config")
     parser.add_argument("--dense-modules", type=int, default=1, help="modules per shape timed with the dense method")
     parser.add_argument("--spectral-modules", type=int, default=1, help="modules per shape timed for the spectral norm")
-    parser.add_argument("--no-proposed", action="store_true", help="skip the proposed-core-change variant")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
     parser.add_argument("--wait-load", type=float, default=None, help="wait until the 1-min load is below this")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -276,18 +199,18 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     distinct = args.v_pool == 0
     rows, dense_rows, spectral_rows, floor_rows, accuracy_rows, verdicts = [], [], [], [], [], []
-    spectral_by_shape, proposed_diff = {}, 0.0
+    spectral_by_shape = {}
     for model in args.models:
         shapes = sorted(set(MODELS[model].values()), reverse=True)
         pool = make_pool(set(shapes), max(args.v_pool, args.spectral_modules, 1), generator)
         bandwidth, gemm_rate = machine_rates(pool)
         for shape in shapes:
             if shape not in spectral_by_shape:  # the same shape in two models: timed once
-                spectral_by_shape[shape] = spectral_row(shape, pool[shape][: args.spectral_modules])
-            core, proposed, difference = spectral_by_shape[shape]
+                spectral_by_shape[shape] = spectral_seconds(pool[shape][: args.spectral_modules])
+            per_module = spectral_by_shape[shape]
             count = args.layers * sum(1 for kind in KINDS if MODELS[model][kind] == shape)
-            spectral_rows.append([model, f"{shape[0]}x{shape[1]}", f"{core:.2f}", f"{proposed:.2f}", count,
-                                  f"{core * count:.0f}", f"{proposed * count:.0f}", f"{difference:.0e}"])
+            spectral_rows.append([model, f"{shape[0]}x{shape[1]}", f"{per_module:.2f}", count,
+                                  f"{per_module * count:.0f}"])
         # dense: timed once per model, at the largest rank (beyond forming dW, < 1 %, it does not depend on r)
         dense_adapter = make_adapter(model, args.layers, max(args.ranks), pool, False if pool else distinct, seed=1)
         dense_per_shape, dense_total, dense_diff = dense_adapter_estimate(dense_adapter, args.dense_modules)
@@ -307,23 +230,17 @@ def main() -> None:
             seconds = time_call(lambda adapter=adapter: score_updates(adapter.updates, adapter.alignment, "ediem",
                                                                       null="layers"), repeats=args.repeats, warmup=0)
             low = median(seconds)
-            proposed = float("nan")
-            if not args.no_proposed:
-                proposed = median(time_call(lambda adapter=adapter: score_proposed(adapter), repeats=args.repeats,
-                                            warmup=0))
-                proposed_diff = max(proposed_diff, proposed_agreement(adapter))
             v_bytes = sum(update.shape[0] * update.shape[1] * 4 for update in adapter.updates)
             flops = sum(4 * update.shape[0] * update.shape[1] * rank for update in adapter.updates)
             floor = max(2 * v_bytes / (bandwidth * 1e9), flops / (gemm_rate * 1e9))
             rows.append([model, rank, modules, f"{low / modules * 1e3:.0f}", f"{low:.2f}", spread(seconds),
-                         f"{dense_total:.0f}", f"{dense_total / low:.0f}x", f"{proposed:.2f}",
-                         f"{dense_total / proposed:.0f}x"])
+                         f"{dense_total:.0f}", f"{dense_total / low:.0f}x"])
             floor_rows.append([model, rank, f"{2 * v_bytes / 1e9:.1f}", f"{flops / 1e9:.0f}", f"{floor:.2f}",
                                f"{2 * v_bytes / low / 1e9:.1f}", f"{flops / low / 1e9:.1f}",
-                               f"{2 * v_bytes / proposed / 1e9:.1f}", f"{bandwidth:.1f}", f"{gemm_rate:.0f}"])
+                               f"{bandwidth:.1f}", f"{gemm_rate:.0f}"])
             verdicts.append(f"{model} r={rank}: {low:.1f} s (< 15 s: {'met' if low < 15 else 'MISSED'}), "
                             f"{dense_total / low:.0f}x dense (>= 30x: {'met' if dense_total / low >= 30 else 'MISSED'})")
-            print(f"[bench] {model} r={rank}: low-rank {low:.2f} s, proposed {proposed:.2f} s, "
+            print(f"[bench] {model} r={rank}: low-rank {low:.2f} s, "
                   f"dense (extrapolated) {dense_total:.0f} s, load {load_text()}")
             del adapter
     v_note = (f"a pool of {args.v_pool} distinct V tensors per shape, reused across modules" if not distinct
@@ -339,14 +256,13 @@ def main() -> None:
         "per shape at the largest rank and extrapolated to all modules (minutes per adapter).",
         markdown_table(
             ["model", "r", "modules", "low-rank ms/module", "low-rank adapter s", "spread s",
-             "dense adapter s (extrap.)", "speed-up", "proposed core change s", "speed-up (proposed)"],
+             "dense adapter s (extrap.)", "speed-up"],
             rows,
         ),
         "Targets (whole adapter < 15 s, >= 30x dense): " + "; ".join(verdicts) + ".",
-        "'proposed core change': the same pass with one line of `metrics.layer_geometry` changed, `V^T X` "
-        "computed as `(X^T V)^T` (same flops; MKL's sgemm with a transposed (m, n) operand and r <= 8 "
-        "columns runs far below memory bandwidth on this CPU). It agrees with the core function to "
-        f"{proposed_diff:.0e} (max abs diff of distance, cosine and signed, two modules per config).",
+        "`metrics.layer_geometry` computes `V^T X` as `(X^T V)^T` (same flops): MKL's sgemm with a "
+        "transposed (m, n) operand and r <= 8 columns ran 5-20x below memory bandwidth on this CPU (14.7 s "
+        "for the r=8 Llama-2-7B adapter in the previous run of this script, before the change).",
         "Arithmetic floor of one low-rank call: each module reads V twice (`V^T X`, then `V (V^T X)`: the "
         "second product needs the whole first result, and a 64 MB V does not stay in cache) and does two "
         "(m,n)x(n,r) products (4 m n r flops). Floor = max(bytes / measured read bandwidth, "
@@ -354,7 +270,7 @@ def main() -> None:
         "2048^3).",
         markdown_table(
             ["model", "r", "V bytes read GB", "GFLOP", "floor s", "achieved GB/s", "achieved GFLOP/s",
-             "proposed GB/s", "machine read GB/s", "machine sgemm GFLOP/s"],
+             "machine read GB/s", "machine sgemm GFLOP/s"],
             floor_rows,
         ),
         f"Dense method per module (timed at r={max(args.ranks)}; 'max abs diff' = largest |dense float32 - "
@@ -365,10 +281,9 @@ def main() -> None:
         markdown_table(["model", "r", "shape", "dense float32", "low-rank float32 (fp64 traces)"], accuracy_rows),
         "Spectral norms (`metrics.spectral_norm`: 30 block power iterations, block 8; computed once per module "
         f"when the alignment subspace is built, not per scoring call), timed on {args.spectral_modules} "
-        "module(s) per shape and extrapolated; 'proposed order' computes `V^T Y` as `(Y^T V)^T` in the "
-        "iteration (same iterates):",
-        markdown_table(["model", "shape", "s/module (core)", "s/module (proposed order)", "modules",
-                        "adapter s (core, extrap.)", "adapter s (proposed, extrap.)", "rel. diff"], spectral_rows),
+        "module(s) per shape and extrapolated (`M^T Y` computed as `(Y^T M)^T`, 4.6x faster than the "
+        "transposed product at 4096x4096 in the previous run):",
+        markdown_table(["model", "shape", "s/module", "modules", "adapter s (extrap.)"], spectral_rows),
     ])
     print(body)
     if not args.no_write:

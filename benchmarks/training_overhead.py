@@ -141,7 +141,8 @@ def train_once(workdir: Path, dataset, steps: int, batch: int, rank: int, mode: 
 def break_even_text(infos: dict, without: float) -> str:
     """Fixed per-run cost (train begin + train end) against the per-step share of the scoring calls."""
     lines = []
-    for mode, label in (("callback", "building V"), ("cached", "with a warm alignment cache")):
+    labels = {"callback": "building V", "cached": "with a warm alignment cache"}
+    for mode, label in ((mode, labels[mode]) for mode in infos if mode in labels):
         fixed = median([info["events"].get("on_train_begin", 0.0) + info["events"].get("on_train_end", 0.0)
                         for info in infos[mode]])
         steady = median([sum(info["scoring"]) for info in infos[mode]]) / without
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["without", "callback", "cached"],
+                        choices=["without", "callback", "cached"], help="'without' is always run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, 2 here)")
     parser.add_argument("--wait-load", type=float, default=None, help="wait until the 1-min load is below this")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -171,7 +174,7 @@ def main() -> None:
 
     if importlib.util.find_spec("splora_callback.callback") is None:
         raise SystemExit("splora_callback/callback.py does not exist yet: nothing to measure.")
-    modes = ("without", "callback", "cached")
+    modes = ["without", *(mode for mode in args.modes if mode != "without")]
     workdir = Path(tempfile.mkdtemp(prefix="splora-bench-train-"))
     try:
         write_base(workdir / "base")
@@ -202,11 +205,11 @@ def main() -> None:
     without = median(seconds["without"])
     step_seconds = without / args.steps
     modules = 4 * MODEL["num_hidden_layers"]
-    interval = infos["callback"][0]["interval"]
+    interval = infos[modes[1]][0]["interval"]
     rows, parts = [["without callback", f"{without:.2f}", spread(seconds["without"]), "1", "-"]], []
     verdicts = []
-    for mode, label in (("callback", "with callback (builds V at train begin)"),
-                        ("cached", "with callback, `alignment_cache` warm")):
+    labels = {"callback": "with callback (builds V at train begin)", "cached": "with callback, `alignment_cache` warm"}
+    for mode, label in ((mode, labels[mode]) for mode in modes[1:]):
         ratio = median(seconds[mode]) / without
         pairs = [w / wo for w, wo in zip(seconds[mode], seconds["without"], strict=True)]
         rows.append([label, f"{median(seconds[mode]):.2f}", spread(seconds[mode]), f"{ratio:.3f}", spread(pairs)])
@@ -227,7 +230,7 @@ def main() -> None:
         f"parameters, LoRA r={args.rank} on q/k/v/o ({modules} modules), batch {args.batch} x {args.seq} random "
         f"tokens, {args.steps} optimizer steps ({step_seconds * 1e3:.0f} ms each), fp32 CPU, `report_to=[]`; "
         "callback: `SPLoRACallback(SPLoRAConfig(base_model=<saved base>, action='none'))` at its default "
-        f"interval of {interval} steps (scored at steps {infos['callback'][0]['steps']}); {args.repeats} "
+        f"interval of {interval} steps (scored at steps {infos[modes[1]][0]['steps']}); {args.repeats} "
         "interleaved repeats of each mode after one untimed warm-up run. Wall time = `trainer.train()`.",
         markdown_table(["", "median s", "spread s", "ratio to without", "per-repeat ratios"], rows),
         "Where the callback's time goes (medians over runs; every handler timed):",

@@ -578,6 +578,7 @@ def prepare(config: dict[str, Any], timings: dict[str, float]) -> tuple[dict[str
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run a recipe; returns the evaluation results (None on non-main processes)."""
     import evaluate
+    import results as result_files
 
     args = parse_args(argv)
     config = load_config(args.config, args.override)
@@ -607,9 +608,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         callback_report=json.loads((output_dir / "splora_report.json").read_text()),
     )
     timings["total"] = time.perf_counter() - start
-    payload = evaluate.write_results(output_dir, results, timings, config)
+    payload = result_files.write_results(output_dir, results, timings, config)
     if config["report_to"] == "wandb":
-        evaluate.log_to_wandb(payload, output_dir)
+        result_files.log_to_wandb(payload, output_dir)
     print(f"\nTotal: {timings['total']:.1f} s. Results in {output_dir}/results.md")
     return results
 

@@ -214,7 +214,9 @@ def _alignment_direction(
             f"{base!s} has {tuple(base_weight_tensor.shape)}. The base must be the model the aligned "
             "model was trained from (same architecture and size)."
         )
-    direction = aligned_weight.to(device="cpu", dtype=torch.float32) - base_weight_tensor.to(torch.float32)
+    # One float32 (m, n) buffer, subtracted in place: no float32 temporary of either weight.
+    direction = torch.empty(aligned_weight.shape, dtype=torch.float32).copy_(aligned_weight)
+    direction.sub_(base_weight_tensor)
     if not torch.isfinite(direction).all():
         raise AlignmentMismatchError(
             f"{name}: the aligned or base weight holds NaN/inf values; check the checkpoints (a failed "

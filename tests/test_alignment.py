@@ -1,6 +1,7 @@
 """Streaming the alignment subspace: equal to dense V, cached, and clear about bad checkpoints."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,30 @@ def test_sharded_checkpoint_is_streamed(llama_pair, tmp_path):
     from_single = AlignmentSubspace.from_pretrained(base_dir, aligned=aligned_dir, target_modules=ATTENTION, progress=False)
     for name in bases:
         assert torch.equal(from_sharded.directions[name], from_single.directions[name])
+
+
+def test_reads_across_shards_in_any_order_leave_no_shard_mapped(llama_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from splora_callback.checkpoint import SafetensorsCheckpoint
+
+    base_dir, _, _ = llama_pair
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(sharded, max_shard_size="40KB")
+    expected = {}
+    for file in sharded.glob("*.safetensors"):
+        expected.update({key: tensor.clone() for key, tensor in load_file(file).items()})  # not file-backed
+    maps = Path("/proc/self/maps")
+
+    def mapped() -> bool:  # is any shard of this checkpoint mapped into this process?
+        return maps.is_file() and str(sharded) in maps.read_text()
+
+    checkpoint = SafetensorsCheckpoint.open(sharded)
+    keys = sorted(checkpoint.weight_map)
+    assert len(set(checkpoint.weight_map.values())) > 1
+    for key in keys + keys[::-1]:  # every shard boundary, both directions
+        assert torch.equal(checkpoint.read(key), expected[key])
+        assert not mapped()  # the read tensor is gone: so is its shard's mapping
 
 
 def test_cache_is_reused_and_rebuilt_when_stale(llama_pair, tmp_path, caplog):

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 import evaluate  # noqa: E402
 import finetune  # noqa: E402
+import results as result_files  # noqa: E402
+import variants as recipe_variants  # noqa: E402
 from tiny import llama_attention_names, plant_alignment  # noqa: E402
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -220,7 +222,7 @@ def test_config_resolves(path, tmp_path):
     assert args.report_to == ([] if config["report_to"] == "none" else [config["report_to"]])
     splora = finetune.splora_config(config, base="some/base", probe=object())
     assert splora.base_model == "some/base" and splora.metric == config["splora"]["metric"]
-    assert set(config["evaluation"]["rules"]) <= set(evaluate.RULES)
+    assert set(config["evaluation"]["rules"]) <= set(recipe_variants.RULES)
     assert len(config["evaluation"]["random_seeds"]) >= 3 or "smoke" in path.name
 
 
@@ -334,8 +336,8 @@ def trained_tiny(tiny_pair):
 
 def test_plan_variants_counts_kinds_and_determinism(trained_tiny):
     _, _, scores, _, _ = trained_tiny
-    rules, fractions, seeds = list(evaluate.RULES), [0.25, 0.5], [0, 1, 2]
-    variants = evaluate.plan_variants(scores, rules, fractions, seeds)
+    rules, fractions, seeds = list(recipe_variants.RULES), [0.25, 0.5], [0, 1, 2]
+    variants = recipe_variants.plan_variants(scores, rules, fractions, seeds)
     assert [v.rule for v in variants[:2]] == ["aligned", "lora"]
     assert len(variants) == 2 + len(fractions) * (len(rules) * (1 + len(seeds)) + len(seeds))
     kind = {s.name: s.kind for s in scores}
@@ -355,9 +357,9 @@ def test_plan_variants_counts_kinds_and_determinism(trained_tiny):
     project = next(v for v in variants if v.rule == "safe_lora_project" and v.control is None)
     cosine = next(v for v in variants if v.rule == "cosine" and v.control is None)
     assert project.layers == cosine.layers and project.action == "project"
-    assert variants == evaluate.plan_variants(scores, rules, fractions, seeds)
+    assert variants == recipe_variants.plan_variants(scores, rules, fractions, seeds)
     with pytest.raises(ValueError, match="unknown"):
-        evaluate.plan_variants(scores, ["magic"], fractions, seeds)
+        recipe_variants.plan_variants(scores, ["magic"], fractions, seeds)
 
 
 @pytest.mark.parametrize("action", ["prune", "project"])
@@ -370,9 +372,9 @@ def test_load_variant_equals_the_acted_peft_model_and_leaves_the_template(traine
     names = [name for name, _ in iter_lora_layers(template, "default")]
     before = {k: v.clone() for k, v in template.state_dict().items()}
     eval_model = AutoModelForCausalLM.from_pretrained(aligned_dir).eval()
-    variant = evaluate.Variant("ediem", None, 0.5, tuple(names[::2]), action)
-    evaluate.load_variant(eval_model, template, alignment, variant, names)
-    acted = evaluate.acted_copy(template, alignment, variant.layers, action)
+    variant = recipe_variants.Variant("ediem", None, 0.5, tuple(names[::2]), action)
+    recipe_variants.load_variant(eval_model, template, alignment, variant, names)
+    acted = recipe_variants.acted_copy(template, alignment, variant.layers, action)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = acted(input_ids=ids).logits, eval_model(input_ids=ids).logits
@@ -381,35 +383,65 @@ def test_load_variant_equals_the_acted_peft_model_and_leaves_the_template(traine
     assert (got - lora).abs().max() > 1e-3  # the action changed the model
     after = template.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    evaluate.load_variant(
-        eval_model, template, alignment, evaluate.Variant("aligned", None, None, (), "aligned"), names
+    recipe_variants.load_variant(
+        eval_model, template, alignment, recipe_variants.Variant("aligned", None, None, (), "aligned"), names
     )
     with torch.no_grad(), template.disable_adapter():
         torch.testing.assert_close(eval_model(input_ids=ids).logits, template(input_ids=ids).logits)
 
 
+def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    template, alignment, scores, _, aligned_dir = trained_tiny
+    variants = recipe_variants.plan_variants(scores, ["ediem", "safe_lora_project"], [0.25], [0, 1])
+    data = {
+        "eval_prompts": [f"how do I do harmful thing {i}" for i in range(3)],
+        "task_eval": [(f"summarize dialogue {i}: hello there", "a greeting") for i in range(2)],
+    }
+    spec = {"harmful_max_new_tokens": 3, "task_max_new_tokens": 4, "batch_size": 4}
+    premises = []
+
+    def run(workers: int) -> list[dict]:
+        eval_model = AutoModelForCausalLM.from_pretrained(aligned_dir).eval()
+        return recipe_variants.evaluate_variants(
+            variants, template, eval_model, tokenizer, alignment, data, {**spec, "workers": workers},
+            check=premises.append,
+        )
+
+    one, two = run(1), run(2)
+    assert [row["rule"] for row in premises[0]] == ["aligned", "lora"] == [row["rule"] for row in premises[1]]
+    assert len(one) == len(two) == len(variants)
+    texts = [[g.text for g in row["_result"]["safety_generations"] + row["_result"]["task_generations"]] for row in one]
+    assert texts == [
+        [g.text for g in row["_result"]["safety_generations"] + row["_result"]["task_generations"]] for row in two
+    ]
+    assert [row["mean_token_entropy"] for row in one] == pytest.approx([row["mean_token_entropy"] for row in two])
+    assert len({tuple(t) for t in texts}) > 1  # the variants are different models
+
+
 def test_check_lora_effect_names_what_failed():
     aligned = {"rougeL": 0.2, "refusal_rate": 0.9}
     good = {"rougeL": 0.6, "refusal_rate": 0.1}
-    verdict = evaluate.check_lora_effect([aligned, good], required=True)
+    verdict = recipe_variants.check_lora_effect([aligned, good], required=True)
     assert verdict["learned_task"] and verdict["lost_refusals"]
     with pytest.raises(
         RuntimeError, match=r"refusals did not drop to <= 0.5 x .* \(0.900 -> 0.950\).*never the numbers"
     ):
-        evaluate.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.95}], required=True)
+        recipe_variants.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.95}], required=True)
     with pytest.raises(RuntimeError, match=r"refusals did not drop .*0.900 -> 0.600"):  # down, not enough
-        evaluate.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], required=True)
-    assert evaluate.check_lora_effect(
+        recipe_variants.check_lora_effect([aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], required=True)
+    assert recipe_variants.check_lora_effect(
         [aligned, {"rougeL": 0.6, "refusal_rate": 0.6}], True, refusal_ratio=0.7
     )["lost_refusals"]
     with pytest.raises(RuntimeError, match="task ROUGE-L did not rise"):
-        evaluate.check_lora_effect([aligned, {"rougeL": 0.1, "refusal_rate": 0.0}], required=True)
-    assert not evaluate.check_lora_effect([aligned, aligned], required=False)["lost_refusals"]
+        recipe_variants.check_lora_effect([aligned, {"rougeL": 0.1, "refusal_rate": 0.0}], required=True)
+    assert not recipe_variants.check_lora_effect([aligned, aligned], required=False)["lost_refusals"]
 
 
 def test_summary_and_verdicts_hand_computed():
     def row(rule, control, fraction, refusal, seed=None, rouge=0.5):
-        metrics = dict.fromkeys(evaluate.METRICS, 0.0) | {"refusal_rate": refusal, "rougeL": rouge}
+        metrics = dict.fromkeys(recipe_variants.METRICS, 0.0) | {"refusal_rate": refusal, "rougeL": rouge}
         return {
             "rule": rule,
             "control": control,
@@ -424,14 +456,14 @@ def test_summary_and_verdicts_hand_computed():
     rows += [row("ediem", "kind-matched", 0.25, r, s) for s, r in enumerate((0.1, 0.3, 0.2))]
     rows += [row("cosine", "kind-matched", 0.25, r, s) for s, r in enumerate((0.1, 0.3, 0.2))]
     rows += [row("random", "uniform", 0.25, r, s) for s, r in enumerate((0.0, 0.6, 0.3))]
-    summary = evaluate.summarize(rows)
+    summary = result_files.summarize(rows)
     matched = next(s for s in summary if s["rule"] == "ediem" and s["control"] == "kind-matched")
     assert matched["refusal_rate"] == pytest.approx({"mean": 0.2, "min": 0.1, "max": 0.3})
     assert matched["seeds"] == [0, 1, 2]
-    by_rule = {v["rule"]: v for v in evaluate.verdicts(summary)}
+    by_rule = {v["rule"]: v for v in result_files.verdicts(summary)}
     assert by_rule["ediem"]["beats_kind_matched"] and not by_rule["ediem"]["beats_uniform"]
     assert not by_rule["cosine"]["beats_kind_matched"]
-    table = evaluate.markdown_table(summary)
+    table = result_files.markdown_table(summary)
     assert "0.200 [0.100, 0.300]" in table and "| ediem | 25% | 30 | 0.500 |" in table
 
 
