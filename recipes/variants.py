@@ -232,26 +232,28 @@ def evaluate_variants(
             flush=True,
         )
 
-    for variant in head:
-        results[variant.key] = _timed(variant)
-        report(variant, *results[variant.key])
-    if check is not None:
-        check(_rows(variants[:2], results))
-    workers = min(int(spec.get("workers", 1)), len(rest))
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        threads = max(1, torch.get_num_threads() // workers)
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_timed, variant): variant for variant in rest}
-            for future in as_completed(futures):
-                variant = futures[future]
-                results[variant.key] = future.result()
-                report(variant, *results[variant.key])
-    else:
-        for variant in rest:
+    try:
+        for variant in head:
             results[variant.key] = _timed(variant)
             report(variant, *results[variant.key])
-    _SHARED.clear()
+        if check is not None:
+            check(_rows(variants[:2], results))
+        workers = min(int(spec.get("workers", 1)), len(rest))
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            threads = max(1, torch.get_num_threads() // workers)
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+                futures = {pool.submit(_timed, variant): variant for variant in rest}
+                for future in as_completed(futures):
+                    variant = futures[future]
+                    results[variant.key] = future.result()
+                    report(variant, *results[variant.key])
+        else:
+            for variant in rest:
+                results[variant.key] = _timed(variant)
+                report(variant, *results[variant.key])
+    finally:
+        _SHARED.clear()  # the models stay with the caller, not with this module
     return _rows(variants, results)
 
 
