@@ -35,10 +35,8 @@ from .distributed import (
     alignment_info,
     apply_action_distributed,
     broadcast_object,
-    lora_layers,
     save_acted_adapter_distributed,
     score_layers_distributed,
-    warn_if_sharded,
 )
 from .layers import resolve_adapter_name
 from .report import (
@@ -52,6 +50,7 @@ from .report import (
 )
 from .scoring import LayerScores
 from .selection import select_layers
+from .sharding import lora_layers, warn_if_sharded
 
 logger = logging.getLogger(__name__)
 

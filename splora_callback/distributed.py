@@ -9,9 +9,9 @@ DeepSpeed, launched by ``torchrun`` or ``accelerate launch``):
   (``all_gather_object``) and E-DIEM's shape peers computed from all of them, so every rank holds
   identical :class:`LayerScores` and makes the same selection;
 - sharded parameters (FSDP v1 flat params, FSDP v2 DTensors, DeepSpeed ZeRO-3) are gathered one
-  module at a time (:func:`gathered`, :func:`lora_updates_gathered`) and never left gathered;
+  module at a time (``sharding.gathered``, ``sharding.lora_updates_gathered``) and never left gathered;
 - only the main process writes (:func:`on_main`); sharded models are never pruned in place
-  (:func:`warn_if_sharded`): the acted adapter is written instead (:func:`save_acted_adapter_distributed`).
+  (``sharding.warn_if_sharded``): the acted adapter is written instead (:func:`save_acted_adapter_distributed`).
 
 Every function that gathers is collective: all ranks must call it, in the same order.
 """
@@ -21,16 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
@@ -40,11 +37,7 @@ from .alignment import CACHE_FORMAT, AlignmentSubspace, _alignment_direction
 from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint
 from .layers import (
     PEFT_PREFIX,
-    LoraUpdate,
-    NoLoraLayersError,
-    check_supported,
     resolve_adapter_name,
-    unwrap_peft,
 )
 from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, spectral_norm
 from .pruning import (
@@ -56,13 +49,24 @@ from .pruning import (
     write_adapter,
 )
 from .scoring import SUSPICION, LayerScore, LayerScores, Metric, Null, score_layers, score_updates
+from .sharding import (
+    Engine,
+    clean_name,
+    fsdp_owner_map,
+    gathered,
+    gathered_weights,
+    lazy_init_fsdp_root,
+    lora_layers,
+    lora_updates_gathered,
+    peft_inner,
+    sharding_engine,
+    unwrap_parallel,
+    warn_if_sharded,
+)
 
 logger = logging.getLogger(__name__)
 
-Engine = Literal["none", "fsdp", "fsdp2", "deepspeed"]
 T = TypeVar("T")
-_FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_warned: set[str] = set()
 
 # --- processes ------------------------------------------------------------------------------------
 
@@ -154,250 +158,6 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             error = exc
     raise_if_any_failed(error)
     return broadcast_object(result)
-
-
-# --- engines and gathering ------------------------------------------------------------------------
-
-
-def _fsdp_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch built without distributed
-        return None
-    return FullyShardedDataParallel
-
-
-def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
-def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel / DeepSpeedEngine wrappers; an FSDP v1 root is kept (it gathers)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        type(model).__name__ == "DeepSpeedEngine"
-    ):
-        model = model.module
-    return model
-
-
-def sharding_engine(model: nn.Module) -> Engine:
-    """``"fsdp"`` (v1 flat params), ``"fsdp2"`` (DTensor), ``"deepspeed"`` (ZeRO-3) or ``"none"``."""
-    model = unwrap_parallel(model)
-    fsdp, dtensor = _fsdp_class(), _dtensor_class()
-    if fsdp is not None and any(isinstance(module, fsdp) for module in model.modules()):
-        return "fsdp"
-    for param in model.parameters():
-        if dtensor is not None and isinstance(param, dtensor):
-            return "fsdp2"
-        if hasattr(param, "ds_id"):
-            return "deepspeed"
-    return "none"
-
-
-def warn_if_sharded(model: nn.Module, action: str = "prune") -> bool:
-    """True if ``model``'s parameters are sharded; then warn (once, on main) that it is not pruned in place.
-
-    Replacing a LoRA layer by its base layer (``prune``) or rewriting ``lora_B`` (``project``)
-    under FSDP v1 breaks the flat parameter views, under FSDP v2 / ZeRO-3 leaves the optimizer and
-    the engine's hooks holding removed or resized parameters. The callback should then call
-    :func:`save_acted_adapter_distributed` at the end of training and leave the live model as is.
-    """
-    engine = sharding_engine(model)
-    if engine == "none":
-        return False
-    if action != "none" and engine not in _warned and is_main_process():
-        _warned.add(engine)
-        logger.warning(
-            "SPLoRA: the model is sharded (%s). %r is not applied to the live model (it would corrupt "
-            "sharded parameters or optimizer state); the acted adapter is written at the end of training "
-            "instead. Load it into an unsharded model: PeftModel.from_pretrained(base_model, path).",
-            engine, action,
-        )
-    return True
-
-
-def _full(param: torch.Tensor) -> torch.Tensor:
-    dtensor = _dtensor_class()
-    if dtensor is not None and isinstance(param, dtensor):
-        return param.full_tensor().detach()  # all-gather of this one parameter (collective)
-    return param.detach()
-
-
-def _lazy_init_fsdp_root(root: nn.Module) -> None:
-    """FSDP v1: summoning a non-root unit before the first forward would make it a root."""
-    try:
-        from torch.distributed.fsdp._runtime_utils import _lazy_init
-    except ImportError:  # pragma: no cover - private API moved; summoning the root works too
-        return
-    _lazy_init(root, root)
-
-
-def _fsdp_units_holding(model: nn.Module, params: Sequence[torch.Tensor]) -> list[nn.Module]:
-    """FSDP v1 units whose flat parameter holds one of ``params`` (``use_orig_params=True``)."""
-    fsdp = _fsdp_class()
-    root = unwrap_parallel(model)
-    units = [module for module in root.modules() if isinstance(module, fsdp)]
-    if not units:
-        return []
-    if not all(unit._use_orig_params for unit in units):
-        raise ValueError(
-            "gathered(): FSDP with use_orig_params=False exposes no per-module parameters; use "
-            "lora_updates_gathered() (gathers by module) or use_orig_params=True (fsdp_use_orig_params)."
-        )
-    _lazy_init_fsdp_root(units[0])
-    wanted = {id(param) for param in params}
-    return [
-        unit for unit in units
-        if unit._flat_param is not None and any(id(p) in wanted for p in (unit._flat_param._params or []))
-    ]
-
-
-@contextmanager
-def gathered(params: Sequence[torch.Tensor], *, model: nn.Module | None = None) -> Iterator[list[torch.Tensor]]:
-    """Full copies/views of ``params`` for the duration of the block, then re-sharded.
-
-    Plain tensors are returned as they are; DTensors (FSDP v2) are all-gathered one by one;
-    ZeRO-3 parameters are gathered with ``deepspeed.zero.GatheredParameters`` (read-only); FSDP v1
-    parameters need ``model`` (the FSDP root) and summon only the units that hold them
-    (``recurse=False``, no writeback). Collective under any sharding: every rank must enter it with
-    the same parameters. The tensors are valid inside the block only.
-    """
-    params = list(params)
-    with ExitStack() as stack:
-        zero3 = [param for param in params if hasattr(param, "ds_id")]
-        if zero3:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
-        fsdp = _fsdp_class()
-        for unit in _fsdp_units_holding(model, params) if model is not None else []:
-            stack.enter_context(fsdp.summon_full_params(unit, recurse=False, writeback=False))
-        yield [_full(param) for param in params]
-
-
-def _fsdp_owner_map(root: nn.Module) -> dict[int, nn.Module]:
-    """id(module) -> the nearest enclosing FSDP v1 unit (the one whose flat param holds its weights)."""
-    fsdp, owners = _fsdp_class(), {}
-
-    def walk(module: nn.Module, unit: nn.Module | None) -> None:
-        unit = module if isinstance(module, fsdp) else unit
-        owners[id(module)] = unit
-        for child in module.children():
-            walk(child, unit)
-
-    walk(root, None)
-    return owners
-
-
-@contextmanager
-def _gathered_weights(
-    root: nn.Module, engine: Engine, modules: Sequence[nn.Module], owners: dict[int, nn.Module] | None
-) -> Iterator[list[torch.Tensor]]:
-    """``module.weight`` of each module, full, inside the block (FSDP v1: read after the summon)."""
-    if engine != "fsdp":
-        with gathered([module.weight for module in modules]) as full:
-            yield full
-        return
-    fsdp = _fsdp_class()
-    units = list(dict.fromkeys(owners[id(module)] for module in modules if owners[id(module)] is not None))
-    with ExitStack() as stack:
-        for unit in units:
-            stack.enter_context(fsdp.summon_full_params(unit, recurse=False, writeback=False))
-        yield [module.weight.detach() for module in modules]
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    fsdp = _fsdp_class()
-    return module.module if fsdp is not None and isinstance(module, fsdp) else module
-
-
-def _check(name: str, layer: LoraLayer, adapter: str) -> None:
-    """``layers.check_supported``, seeing through an FSDP v1 wrapper around ``lora_A``."""
-    if _inner(layer.lora_A[adapter]) is layer.lora_A[adapter]:
-        check_supported(name, layer, adapter)
-        return
-    view = SimpleNamespace(
-        use_dora=layer.use_dora, lora_magnitude_vector=layer.lora_magnitude_vector,
-        lora_variant=getattr(layer, "lora_variant", {}), lora_bias=layer.lora_bias,
-        lora_A={adapter: _inner(layer.lora_A[adapter])}, get_base_layer=layer.get_base_layer,
-        merged_adapters=layer.merged_adapters,
-    )
-    check_supported(name, view, adapter)
-
-
-def _clean(name: str) -> str:
-    for wrapper in _FSDP_PREFIXES:
-        name = name.replace(wrapper, "")
-    return name
-
-
-def lora_layers(model: nn.Module, adapter_name: str | None = None) -> tuple[str, list[tuple[str, LoraLayer]]]:
-    """``(adapter, [(name, layer), ...])`` in module order, names as in the checkpoint, any wrapper.
-
-    Names drop DDP/DeepSpeed wrappers, FSDP v1's ``_fsdp_wrapped_module.`` and PEFT's
-    ``base_model.model.``; the supported-adapter checks run here (no tensor is read).
-
-    Raises:
-        NoLoraLayersError, UnsupportedAdapterError: as :func:`~splora_callback.layers.lora_updates_from_model`.
-    """
-    root = unwrap_parallel(model)
-    inner = _inner(root)
-    adapter = resolve_adapter_name(inner, adapter_name)
-    if inner is root:  # no FSDP v1 root: PEFT's own unwrapping gives the checkpoint names
-        named, prefix = unwrap_peft(root).named_modules(), ""
-    else:  # FSDP v1: walk the wrapped tree (the units live there), strip wrapper names and PEFT's prefix
-        named, prefix = root.named_modules(), PEFT_PREFIX if isinstance(inner, PeftModel) else ""
-    layers = []
-    for raw, module in named:
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            name = _clean(raw).removeprefix(prefix)
-            _check(name, module, adapter)
-            layers.append((name, module))
-    if not layers:
-        raise NoLoraLayersError(
-            f"No LoRA layer holds adapter {adapter!r}: wrap the model with peft.get_peft_model(model, "
-            "LoraConfig(target_modules=[...])) before scoring it."
-        )
-    return adapter, layers
-
-
-def lora_updates_gathered(
-    model: nn.Module,
-    adapter_name: str | None = None,
-    *,
-    names: Collection[str] | None = None,
-    keep: Collection[str] | None = None,
-) -> Iterator[LoraUpdate]:
-    """Yield the :class:`LoraUpdate` of each LoRA layer with full factors, one module at a time.
-
-    Args:
-        names: the layers to visit (default: all). Under sharding this must be the same on every
-            rank, and every rank must exhaust the iterator: each visit gathers (collective).
-        keep: of the visited layers, those yielded on this rank (default: all). A replicated model
-            reads only these; a sharded one still joins the gathers of the others.
-
-    The yielded tensors are valid until the next iteration (then re-sharded): compute, don't keep.
-    """
-    adapter, layers = lora_layers(model, adapter_name)
-    root, engine = unwrap_parallel(model), sharding_engine(model)
-    owners = _fsdp_owner_map(root) if engine == "fsdp" else None
-    if engine == "fsdp":
-        _lazy_init_fsdp_root(root)
-    for name, layer in layers:
-        if names is not None and name not in names:
-            continue
-        wanted = keep is None or name in keep
-        if engine == "none" and not wanted:
-            continue
-        modules = [_inner(layer.lora_A[adapter]), _inner(layer.lora_B[adapter])]
-        with _gathered_weights(root, engine, modules, owners) as (lora_a, lora_b):
-            if wanted:
-                yield LoraUpdate(name, lora_a, lora_b, float(layer.scaling[adapter]),
-                                 bool(getattr(layer, "fan_in_fan_out", False)))
 
 
 # --- alignment and scores -------------------------------------------------------------------------
@@ -496,13 +256,13 @@ def _alignment_from_sharded(
         if cached is not None and set(cached.names) == owned:
             return cached
     root = unwrap_parallel(model)
-    owners = _fsdp_owner_map(root) if engine == "fsdp" else None
+    owners = fsdp_owner_map(root) if engine == "fsdp" else None
     if engine == "fsdp":
-        _lazy_init_fsdp_root(root)
+        lazy_init_fsdp_root(root)
     directions, frobenius, spectral, error = {}, {}, {}, None
     with SafetensorsCheckpoint.open(base, revision) as checkpoint:
         for name, layer in tqdm(layers, desc="SPLoRA alignment subspace", unit="module", disable=not progress):
-            with _gathered_weights(root, engine, [layer.get_base_layer()], owners) as (weight,):
+            with gathered_weights(root, engine, [layer.get_base_layer()], owners) as (weight,):
                 if name not in owned or error is not None:
                     continue
                 try:  # keep joining the gathers after a failure; raise on every rank below
@@ -658,7 +418,7 @@ def _gather_adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.T
         extra = [name for name, module in root.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
         if extra:  # PEFT cannot match their FSDP-wrapped names; the same on every rank
             raise NotImplementedError(
-                f"FSDP v1: adapter modules besides LoRA layers ({_clean(extra[0])}) cannot be saved by SPLoRA; "
+                f"FSDP v1: adapter modules besides LoRA layers ({clean_name(extra[0])}) cannot be saved by SPLoRA; "
                 "save with trainer.save_model() and prune the saved adapter with `splora prune`."
             )
         for update in lora_updates_gathered(model, adapter, keep=None if is_main_process() else ()):
@@ -678,7 +438,7 @@ def _peft_state_dict(model: nn.Module, adapter: str, full: dict[str, torch.Tenso
     """PEFT's adapter state dict (keys without the adapter name), from the live or gathered tensors."""
     from peft import get_peft_model_state_dict
 
-    engine, peft_model = sharding_engine(model), _inner(unwrap_parallel(model))
+    engine, peft_model = sharding_engine(model), peft_inner(unwrap_parallel(model))
     if engine == "fsdp":
         return dict(full)
     return get_peft_model_state_dict(peft_model, state_dict=full if engine != "none" else None, adapter_name=adapter)
@@ -707,7 +467,7 @@ def save_acted_adapter_distributed(
         for name, up in projected.items():
             key = f"{PEFT_PREFIX}{name}.lora_B.weight"
             tensors[key] = up.to(tensors[key].dtype)
-        config = _inner(unwrap_parallel(model)).peft_config[adapter].to_dict()
+        config = peft_inner(unwrap_parallel(model)).peft_config[adapter].to_dict()
         acted = acted_state_dict(tensors, chosen, "prune" if action == "prune" else "none")
         write_adapter(output_dir, acted, acted_config(config, chosen, action), overwrite=overwrite)
 

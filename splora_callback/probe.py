@@ -40,7 +40,7 @@ from .data import (
     pad_batch,
     render_chat_examples,
 )
-from .distributed import lora_layers, unwrap_parallel
+from .sharding import lora_layers, unwrap_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def lora_down_projections(model: nn.Module, adapter_name: str | None = None) -> 
     """Module name -> the ``lora_A`` module (``Linear(n, r)``, possibly FSDP-wrapped), in module order.
 
     Names as :func:`~splora_callback.layers.lora_updates_from_model` gives them, whatever the wrapper
-    (:func:`~splora_callback.distributed.lora_layers`).
+    (:func:`~splora_callback.sharding.lora_layers`).
 
     Raises:
         ValueError: the adapter is disabled or not active in a layer (its update would not be in

@@ -29,19 +29,21 @@ from splora_callback.distributed import (  # noqa: E402
     alignment_for_rank,
     all_gather_object,
     apply_action_distributed,
-    gathered,
     is_main_process,
     layer_slice,
-    lora_layers,
-    lora_updates_gathered,
     on_main,
     rank,
     save_acted_adapter_distributed,
     score_layers_distributed,
-    sharding_engine,
     world_size,
 )
 from splora_callback.layers import lora_updates_from_model  # noqa: E402
+from splora_callback.sharding import (  # noqa: E402
+    gathered,
+    lora_layers,
+    lora_updates_gathered,
+    sharding_engine,
+)
 
 
 def load(data: Path, trainable: bool = False):

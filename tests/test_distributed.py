@@ -24,20 +24,22 @@ from splora_callback import AlignmentSubspace, NoLoraLayersError, score_layers
 from splora_callback.distributed import (
     alignment_for_rank,
     apply_action_distributed,
-    gathered,
     is_main_process,
     layer_slice,
-    lora_layers,
-    lora_updates_gathered,
     on_main,
     rank_slice,
     save_acted_adapter_distributed,
     score_layers_distributed,
-    sharding_engine,
-    warn_if_sharded,
     world_size,
 )
 from splora_callback.pruning import save_acted_adapter
+from splora_callback.sharding import (
+    gathered,
+    lora_layers,
+    lora_updates_gathered,
+    sharding_engine,
+    warn_if_sharded,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
