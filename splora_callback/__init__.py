@@ -8,10 +8,10 @@ from .alignment import AlignmentMismatchError, AlignmentSubspace
 from .callback import SPLoRACallback
 from .checkpoint import CheckpointError, SafetensorsCheckpoint
 from .config import SPLoRAConfig
+from .dashboard import write_html_report
 from .layers import LoraUpdate, NoLoraLayersError, UnsupportedAdapterError, lora_updates_from_model
 from .probe import SafetyProbe
 from .pruning import ActionReport, apply_action, prune_layers, save_acted_adapter
-from .report import write_html_report
 from .scoring import LayerScore, LayerScores, score_layers
 from .selection import random_layers, random_matched, select_layers
 

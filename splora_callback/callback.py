@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .alignment import AlignmentMismatchError, AlignmentSubspace
 from .checkpoint import CheckpointError
 from .config import SPLoRAConfig
+from .dashboard import wandb_final_media, write_html_report
 from .distributed import (
     alignment_for_rank,
     alignment_info,
@@ -42,10 +43,8 @@ from .layers import resolve_adapter_name
 from .report import (
     build_report,
     over_threshold,
-    wandb_final_media,
     wandb_step_payload,
     wandb_summary,
-    write_html_report,
     write_json_report,
 )
 from .scoring import LayerScores

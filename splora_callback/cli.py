@@ -105,7 +105,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_html_report
+    from .dashboard import write_html_report
 
     path = write_html_report(args.output_dir)
     print(f"Report written to {path}")

@@ -6,9 +6,9 @@ from html.parser import HTMLParser
 
 import pytest
 
+from splora_callback.dashboard import FIGURES, render_html, short_names, wandb_final_media, write_html_report
 from splora_callback.report import (
     DEFAULT_OVER_THRESHOLD,
-    FIGURES,
     REPORT_HTML,
     REPORT_JSON,
     TABLE_COLUMNS,
@@ -16,13 +16,9 @@ from splora_callback.report import (
     kind_means,
     load_report,
     over_threshold,
-    render_html,
-    short_names,
     summary_scalars,
-    wandb_final_media,
     wandb_step_payload,
     wandb_summary,
-    write_html_report,
     write_json_report,
 )
 from splora_callback.scoring import LayerScore, LayerScores
