@@ -239,7 +239,10 @@ def evaluate_variants(
         if check is not None:
             check(_rows(variants[:2], results))
         workers = min(int(spec.get("workers", 1)), len(rest))
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+            print(f"evaluation.workers={workers} needs the 'fork' start method (Linux): evaluating in this process")
+            workers = 1
+        if workers > 1:
             threads = max(1, torch.get_num_threads() // workers)
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
