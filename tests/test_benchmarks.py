@@ -1,0 +1,58 @@
+"""Every benchmark script runs end to end at a smoke size and prints its table (RESULTS.md untouched).
+
+The numbers mean nothing at this size; what is checked is that ``python benchmarks/<script>.py``
+still reproduces a table with the columns and the target verdicts RESULTS.md shows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+SMOKE = {
+    "scoring_speed.py": (
+        ["--models", "gqa-8b", "--layers", "1", "--ranks", "8", "--v-pool", "1", "--threads", "1"],
+        ["low-rank adapter s", "dense adapter s (extrap.)", "Targets (whole adapter < 15 s, >= 30x dense)",
+         "floor s"],
+    ),
+    "alignment_build.py": (
+        ["--size", "tiny", "--threads", "1"],
+        ["peak RSS over baseline MiB", "streaming `AlignmentSubspace.from_pretrained`", "Target: build peak"],
+    ),
+    "training_overhead.py": (
+        ["--steps", "4", "--repeats", "1", "--modes", "without", "callback", "--threads", "1"],
+        ["ratio to without", "on_train_end s (final report)", "Target ratio <= 1.03"],
+    ),
+    "inference_after_pruning.py": (
+        ["--prompts", "1", "--batch", "1", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1",
+         "--threads", "1"],
+        ["tokens/s", "LoRA pruned to 60/120 modules (unmerged)", "Pruned / unmerged speed ratio"],
+    ),
+    "probe_cost.py": (
+        ["--pairs", "2", "--batch", "2", "--seq", "16", "--repeats", "1", "--no-probe-warmup", "--threads", "1"],
+        ["probe, logits at response positions (default)", "Probe cost:"],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_script_prints_its_table(script, tmp_path):
+    arguments, expected = SMOKE[script]
+    before = (BENCHMARKS / "RESULTS.md").read_text()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *arguments, "--no-write"],
+        cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for text in expected:
+        assert text in done.stdout, f"{script}: {text!r} missing from its output"
+    assert "| --- |" in done.stdout or "|---|" in done.stdout  # a markdown table was printed
+    assert (BENCHMARKS / "RESULTS.md").read_text() == before  # --no-write left the results alone
