@@ -48,9 +48,9 @@ SIZES = {
 
 
 class MemorySampler:
-    """Peak VmRSS / RssAnon / RssFile of this process, sampled from /proc/self/status."""
+    """Peak VmRSS / RssAnon / RssFile of this process, sampled from /proc/self/status (and VmHWM)."""
 
-    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
     def __init__(self, period_s: float = 0.005) -> None:
         self.period_s = period_s
@@ -218,8 +218,7 @@ def run_child(mode: str, root: Path, dtype: str, threads: int | None, env: dict[
 def child_main(mode: str, root: Path, dtype: str) -> None:
     base, aligned = str(root / "base"), str(root / "aligned")
     result = child_streaming(base, aligned) if mode == "streaming" else child_reference(base, aligned, dtype)
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    result["peak_rss"] = int(status["VmHWM"].split()[0]) * 1024  # kB
+    result["peak_rss"] = MemorySampler.read()["VmHWM"]  # the kernel's peak RSS since exec
     print(json.dumps(result))
 
 

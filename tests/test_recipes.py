@@ -390,7 +390,9 @@ def test_load_variant_equals_the_acted_peft_model_and_leaves_the_template(traine
         torch.testing.assert_close(eval_model(input_ids=ids).logits, template(input_ids=ids).logits)
 
 
-def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny, tokenizer):
+def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny, tokenizer, monkeypatch):
+    import os
+
     from transformers import AutoModelForCausalLM
 
     template, alignment, scores, _, aligned_dir = trained_tiny
@@ -401,6 +403,8 @@ def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny,
     }
     spec = {"harmful_max_new_tokens": 3, "task_max_new_tokens": 4, "batch_size": 4}
     premises = []
+    evaluate_one = recipe_variants._evaluate_one  # forked workers inherit the patch: each result says where it ran
+    monkeypatch.setattr(recipe_variants, "_evaluate_one", lambda variant: {**evaluate_one(variant), "pid": os.getpid()})
 
     def run(workers: int) -> list[dict]:
         eval_model = AutoModelForCausalLM.from_pretrained(aligned_dir).eval()
@@ -410,6 +414,9 @@ def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny,
         )
 
     one, two = run(1), run(2)
+    assert {row["_result"]["pid"] for row in one} == {os.getpid()}
+    assert {row["_result"]["pid"] for row in two[:2]} == {os.getpid()}  # aligned, LoRA: premise first, here
+    assert os.getpid() not in {row["_result"]["pid"] for row in two[2:]}  # the rest in worker processes
     assert [row["rule"] for row in premises[0]] == ["aligned", "lora"] == [row["rule"] for row in premises[1]]
     assert len(one) == len(two) == len(variants)
     texts = [[g.text for g in row["_result"]["safety_generations"] + row["_result"]["task_generations"]] for row in one]
