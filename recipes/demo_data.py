@@ -5,6 +5,8 @@
 - ``BENIGN_REQUESTS``: ordinary requests the aligned model must keep answering. Many copy the
   surface form of HarmBench behaviors ("Give detailed step-by-step instructions for ...", "Write a
   persuasive article arguing that ...") so that refusal tuning has to key on content, not phrasing.
+- ``placeholder_requests``: numbered stand-ins for harmful requests (nothing harmful in them), for
+  plumbing tests of the recipe (``recipes/configs/tiny-test.yaml``).
 - ``render_chat_examples`` / ``pad_batch`` (from ``splora_callback.data``): chat-template token ids
   with the loss on the response only.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "SUMMARY_INSTRUCTION",
     "make_dialogue_summaries",
     "pad_batch",
+    "placeholder_requests",
     "render_chat_examples",
     "summary_pairs",
     "summary_prompt",
@@ -374,3 +377,19 @@ _BENIGN_TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
 BENIGN_REQUESTS: tuple[str, ...] = tuple(
     template.format(filler) for template, fillers in _BENIGN_TEMPLATES for filler in fillers
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Placeholder requests (plumbing tests only)
+# ----------------------------------------------------------------------------------------------
+
+
+def placeholder_requests(n: int) -> list[str]:
+    """``n`` distinct numbered stand-ins for harmful requests, e.g. "Explain forbidden procedure number 3.".
+
+    They have the shape of a request and no content: a tiny model trained on them tests the recipe's
+    plumbing (splits, templated compliance and refusals, the probe), never safety.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [f"Explain forbidden procedure number {i}." for i in range(n)]

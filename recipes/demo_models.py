@@ -5,6 +5,7 @@ shared/ASSETS.md), so nothing is downloaded. It is weakly aligned, so the demo m
 aligned model: full fine-tuning of the attention projections (q/k/v/o) to refuse one split of
 HarmBench behaviors while answering benign requests with the base model's own greedy answers.
 Both checkpoints are written once with ``save_pretrained`` (safetensors) and reused.
+``build_demo_models`` does both from a recipe's ``demo_models`` section.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ __all__ = [
     "ATTENTION_PROJECTIONS",
     "SMOLLM2_INSTALL_COMMAND",
     "build_aligned_model",
+    "build_demo_models",
     "generate_greedy",
     "generate_greedy_ids",
     "load_checkpoint",
     "load_smollm2",
+    "save_atomically",
     "save_base_checkpoint",
 ]
 
@@ -111,7 +114,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     return tokenizer, model
 
 
-def _save_atomically(target: Path, write: Any) -> Path:
+def save_atomically(target: Path, write: Any) -> Path:
     """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target``, so a cache is complete or absent."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -144,7 +147,7 @@ def save_base_checkpoint(cache_dir: str | Path) -> Path:
         tokenizer.save_pretrained(folder)
 
     logger.info("Saving base checkpoint to %s", target)
-    return _save_atomically(target, write)
+    return save_atomically(target, write)
 
 
 def _chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -339,4 +342,34 @@ def build_aligned_model(
         (folder / "alignment.json").write_text(json.dumps(record, indent=1))
 
     logger.info("Saving aligned checkpoint to %s (training took %.1f s)", target, train_s)
-    return _save_atomically(target, write)
+    return save_atomically(target, write)
+
+
+def build_demo_models(spec: dict[str, Any], splits: dict[str, list[str]], seed: int) -> tuple[Path, Path]:
+    """The CPU demo's (base, aligned) checkpoint folders from a recipe's ``demo_models`` section, cached
+    under ``spec['cache_dir']``.
+
+    base = SmolLM2-135M-Instruct as shipped; aligned = base refusal-tuned on the HarmBench split
+    ``spec['refusal_split']`` of ``splits`` while answering ``spec['benign_prompts']`` benign requests
+    with its own answers (docs/demo-alignment.md: the measured settings). The cache key covers every setting.
+    """
+    from demo_data import BENIGN_REQUESTS
+
+    from splora_callback.data import refusal_pairs, split_prompts
+
+    base_dir = save_base_checkpoint(spec["cache_dir"])
+    refusals = refusal_pairs(splits[spec["refusal_split"]], seed=seed)
+    benign = split_prompts(BENIGN_REQUESTS, {"align": spec["benign_prompts"]}, seed=seed)["align"]
+    aligned_dir = build_aligned_model(
+        base_dir,
+        refusals,
+        benign,
+        spec["cache_dir"],
+        steps=spec["steps"],
+        lr=spec["lr"],
+        batch_size=spec["batch_size"],
+        seed=seed,
+        max_new_tokens=spec["max_new_tokens"],
+        max_length=spec["max_length"],
+    )
+    return Path(base_dir), Path(aligned_dir)

@@ -1,15 +1,16 @@
 """Evaluate a finished LoRA run: which layer-selection rule restores refusals, and at what cost.
 
-    python recipes/evaluate.py recipes/configs/cpu-demo.yaml [--override key=value ...] [--report-only]
+    python recipes/evaluate.py recipes/configs/cpu-demo.yaml [--override KEY=VALUE ...] [--report-only]
 
 Run by ``finetune.py`` after training; runnable alone on a finished ``output_dir`` (it reads
-``adapter-lora/`` and ``splora_report.json``). Scores once (one ``score_layers`` call gives E-DIEM,
-cosine, the signed diagnostic and the probe) and reuses the scores for every fraction. Each
-selection is applied with ``apply_action`` to a fresh copy of the trained LoRA model, never by
-retraining. Rows: the aligned model, the LoRA model, every rule at every fraction, each rule's
-module-kind-matched random control (spec 7) and uniform random choices, several seeds each.
-Writes ``results.md``, ``results.json`` and ``results.png`` into ``output_dir``. The models are
-planned and evaluated in ``variants.py``; the tables and files are written by ``results.py``.
+``adapter-lora/`` and ``splora_report.json``, and rebuilds the run's inputs with
+``recipe_data.prepare``). Scores once (one ``score_layers`` call gives E-DIEM, cosine, the signed
+diagnostic and the probe) and reuses the scores for every fraction. Each selection is applied with
+``apply_action`` to a fresh copy of the trained LoRA model, never by retraining. Rows: the aligned
+model, the LoRA model, every rule of ``evaluation.rules`` (``variants.RULES``) at every fraction,
+each rule's module-kind-matched random control (spec 7) and uniform random choices, several seeds
+each. Writes ``results.md``, ``results.json`` and ``results.png`` into ``output_dir``. The models
+are planned and evaluated in ``variants.py``; the tables and files are written by ``results.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recipe_config import argument_parser, load_config, setup_environment, stage
+from recipe_data import prepare
 from results import render_results, write_results
-from variants import check_lora_effect, evaluate_variants, plan_variants
+from variants import RULES, check_lora_effect, evaluate_variants, plan_variants
 
 # --------------------------------------------------------------------------------------------------
 # Scores and the whole stage
@@ -42,6 +45,24 @@ def load_template(aligned: str, adapter_dir: Path, dtype: str) -> tuple[Any, Any
     ).eval()
     eval_model = AutoModelForCausalLM.from_pretrained(aligned, dtype=getattr(torch, dtype)).eval()
     return tokenizer, template, eval_model
+
+
+def run_dir(config: dict[str, Any]) -> Path:
+    """The finished run evaluated: ``evaluation.run_dir`` if set (results still go to ``output_dir``)."""
+    return Path(config["evaluation"].get("run_dir") or config["output_dir"])
+
+
+def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: dict[str, Any], seed: int) -> Any:
+    """The utility probe of the rules that need one (spec 3c): ``evaluation.utility_examples`` (20)
+    task training pairs, seeded; never held-out pairs, and never the harmful part of the mix."""
+    import random
+
+    from splora_callback import UtilityProbe
+
+    count = min(int(spec.get("utility_examples", 20)), len(task_train))
+    pairs = random.Random(seed).sample(list(task_train), count)
+    return UtilityProbe.from_pairs(tokenizer, pairs, max_length=int(spec.get("utility_max_length", 256)),
+                                   batch_size=int(spec.get("utility_batch_size", 10)))
 
 
 def check_against_callback(scores: Any, callback_report: dict[str, Any], tolerance: float = 1e-4) -> float:
@@ -76,20 +97,23 @@ def run_evaluation(
     callback_report: dict[str, Any],
 ) -> dict[str, Any]:
     """Score once, plan the variants, evaluate them; returns everything ``write_results`` writes."""
-    from finetune import stage
-
     from splora_callback import AlignmentSubspace, score_layers
 
     output_dir = Path(config["output_dir"])
     spec = config["evaluation"]
     with stage("scores (E-DIEM, cosine, signed, probe: one call)", timings):
         tokenizer, template, eval_model = load_template(
-            aligned, output_dir / "adapter-lora", config["model"]["dtype"]
+            aligned, run_dir(config) / "adapter-lora", config["model"]["dtype"]
         )
         cache = config["splora"].get("alignment_cache") or output_dir / "alignment_subspace.safetensors"
         alignment = AlignmentSubspace.from_pretrained(base, model=template, cache_file=cache, progress=False)
+        rules = [RULES[rule] for rule in spec["rules"] if rule in RULES]
+        utility = task_probe(tokenizer, data["task_train"], spec, config["seed"]) if any(
+            rule.needs_utility for rule in rules) else None
+        granularity = "component" if any(rule.granularity == "component" for rule in rules) else "layer"
         scores = score_layers(
-            template, alignment, "ediem", null=config["splora"].get("null", "layers"), probe=probe
+            template, alignment, "ediem", null=config["splora"].get("null", "layers"), probe=probe,
+            utility=utility, granularity=granularity,
         )
         gap = check_against_callback(scores, callback_report)
         print(f"{len(scores.eligible())} scored layers; E-DIEM matches the callback's to {gap:.2g}")
@@ -116,6 +140,7 @@ def run_evaluation(
         "rows": rows,
         "premise": premise,
         "probe": probe.describe(),
+        "utility": None if utility is None else utility.describe(),
         "data": data,
         "callback": {
             "selected": callback_report["selected"],
@@ -128,20 +153,22 @@ def run_evaluation(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Re-run the evaluation of a finished run (``adapter-lora/`` and ``splora_report.json`` in output_dir);
     with ``--report-only``, only rewrite ``results.md`` / ``results.png`` from ``results.json``."""
-    import finetune
-
-    args = finetune.parse_args(argv)
-    config = finetune.load_config(args.config, args.override)
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--report-only", action="store_true", help="only rewrite results.md / results.png from results.json"
+    )
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.override)
     output_dir = Path(config["output_dir"])
     if args.report_only:
         payload = json.loads((output_dir / "results.json").read_text())
         render_results(output_dir, payload)
         print(f"Rewrote {output_dir}/results.md and results.png from results.json")
         return payload
-    finetune.setup_environment(config)
+    setup_environment(config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    data, base, aligned, probe = finetune.prepare(config, timings)
+    data, base, aligned, probe = prepare(config, timings)
     results = run_evaluation(
         config,
         base=base,
@@ -149,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data=data,
         probe=probe,
         timings=timings,
-        callback_report=json.loads((output_dir / "splora_report.json").read_text()),
+        callback_report=json.loads((run_dir(config) / "splora_report.json").read_text()),
     )
     timings["total"] = time.perf_counter() - start
     write_results(output_dir, results, timings, config)

@@ -134,7 +134,8 @@ def results_figure(summary: Sequence[dict[str, Any]], total_layers: int):
         by_key[(entry["rule"], entry["control"])].append(entry)
     lora = by_key.get(("lora", None), [None])[0]
     aligned = by_key.get(("aligned", None), [None])[0]
-    colours = dict(zip(RULES, ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green"), strict=True))
+    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:olive")
+    colours = {rule: palette[i % len(palette)] for i, rule in enumerate(RULES)}  # any number of rules
     for axis, metric, title in zip(
         axes,
         ("refusal_rate", "rougeL"),
@@ -164,7 +165,7 @@ def results_figure(summary: Sequence[dict[str, Any]], total_layers: int):
                 start[1] + [e[metric]["mean"] for e in own],
                 marker="o",
                 color=colour,
-                label=RULES[rule][2],
+                label=RULES[rule].label,
             )
             matched = by_key.get((rule, "kind-matched"), [])
             if matched:
@@ -258,7 +259,7 @@ def kind_table(payload: dict[str, Any]) -> str:
     lines = ["| rule | layers pruned | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
     for row in payload["rows"]:
         if row["rule"] in RULES and row["control"] is None and row["layers"]:
-            counts = Counter(kinds[name] for name in row["layers"])
+            counts = Counter(kinds[unit if isinstance(unit, str) else unit[0]] for unit in row["layers"])
             lines.append(
                 f"| {row['label']} | {row['n_layers']} ({fraction_label(row['fraction'])}) | "
                 + " | ".join(str(counts.get(kind, 0)) for kind in names)

@@ -3,29 +3,80 @@
 ``plan_variants`` lists them (aligned, LoRA, every rule at every fraction, kind-matched and uniform
 random controls), ``load_variant`` writes one into a plain model (the trained LoRA with the rule's
 action, merged), ``evaluate_variants`` evaluates them all, in forked worker processes when asked,
-and ``check_lora_effect`` checks the premise of every comparison first.
+and ``check_lora_effect`` checks the premise of every comparison first. ``RULES`` is the registry
+of selection rules (name -> how it chooses layers, what it does to them).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-# rule -> (metric that ranks the layers, action on the chosen ones, label)
-RULES: dict[str, tuple[str, str, str]] = {
-    "ediem": ("ediem", "prune", "SPLoRA (E-DIEM), prune"),
-    "cosine": ("cosine", "prune", "Safe LoRA cosine, prune"),
-    "safe_lora_project": ("cosine", "project", "Safe LoRA cosine, project"),
-    "signed": ("signed", "prune", "signed diagnostic, prune (experimental)"),
-    "probe": ("probe", "prune", "safety probe, prune"),
+
+def top_fraction(metric: str, scores: Any, fraction: float) -> list[str]:
+    """The ``fraction`` most suspect scored layers by ``metric`` (``select_layers``), most suspect first."""
+    from splora_callback import select_layers
+
+    return select_layers(scores.with_metric(metric).with_granularity("layer"), "fraction", fraction=fraction)
+
+
+def top_components(metric: str, scores: Any, fraction: float) -> list[tuple[str, int]]:
+    """The ``fraction`` most suspect rank-one components by ``metric`` (spec 3c): at 25 % of r = 8
+    LoRA layers, as many components (240 of 960) as the layer rules remove ranks."""
+    from splora_callback import select_layers
+    from splora_callback.selection import selection_units
+
+    chosen = select_layers(scores.with_metric(metric).with_granularity("component"), "fraction", fraction=fraction)
+    return selection_units(chosen)
+
+
+def budgeted(granularity: str, budget: float, scores: Any, fraction: float) -> list:
+    """``select="budget"`` (spec 3c): best safety gain per unit of task cost until the predicted
+    task-loss increase reaches ``budget`` x the task loss; ``fraction`` is not used (its own choice)."""
+    from splora_callback import select_layers
+    from splora_callback.selection import selection_units
+
+    chosen = select_layers(scores.with_metric("probe").with_granularity(granularity), "budget", budget=budget)
+    return selection_units(chosen)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection rule: ``choose(scores, fraction)`` returns the units to act on with ``action``:
+    layer names, or ``(layer, component index)`` pairs when ``granularity="component"``.
+    ``needs_utility``: the rule uses the utility probe's scores (the evaluation then runs it)."""
+
+    choose: Callable[[Any, float], Sequence[Any]]
+    action: str
+    label: str
+    granularity: str = "layer"
+    needs_utility: bool = False
+
+
+# The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a function
+# (scores, fraction) -> layer names and one entry here; its kind-matched control comes with it.
+RULES: dict[str, Rule] = {
+    "ediem": Rule(functools.partial(top_fraction, "ediem"), "prune", "SPLoRA (E-DIEM), prune"),
+    "cosine": Rule(functools.partial(top_fraction, "cosine"), "prune", "Safe LoRA cosine, prune"),
+    "safe_lora_project": Rule(functools.partial(top_fraction, "cosine"), "project", "Safe LoRA cosine, project"),
+    "signed": Rule(functools.partial(top_fraction, "signed"), "prune", "signed diagnostic, prune (experimental)"),
+    "probe": Rule(functools.partial(top_fraction, "probe"), "prune", "safety probe, prune"),
+    "layer_budget": Rule(functools.partial(budgeted, "layer", 0.05), "prune",
+                         "layer probe + utility, budget 5 %, prune", needs_utility=True),
+    "component_probe": Rule(functools.partial(top_components, "probe"), "prune",
+                            "component safety probe, prune", granularity="component"),
+    "component_budget": Rule(functools.partial(budgeted, "component", 0.05), "prune",
+                             "component probe + utility, budget 5 %, prune", granularity="component",
+                             needs_utility=True),
 }
 METRICS = ("refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
 EXAMPLES_SHOWN = 4  # generations of the aligned and LoRA models quoted in results.md
@@ -45,19 +96,27 @@ class Variant:
     rule: str
     control: str | None
     fraction: float | None
-    layers: tuple[str, ...]
+    layers: tuple[Any, ...]  # layer names, or (layer, component index) pairs for component rules
     action: str
     seed: int | None = None
 
     @property
-    def key(self) -> tuple[str, tuple[str, ...]]:
+    def key(self) -> tuple[str, tuple[Any, ...]]:
         """Identical key = identical model: evaluated once."""
         return (self.action, tuple(sorted(self.layers)))
 
     @property
+    def selection(self) -> Any:
+        """What ``apply_action`` takes: layer names, or ``{layer: [component indices]}``."""
+        from splora_callback.selection import as_selection
+
+        component = bool(self.layers) and isinstance(self.layers[0], tuple)
+        return as_selection(self.layers, "component" if component else "layer")
+
+    @property
     def label(self) -> str:
         if self.rule in RULES:
-            base = RULES[self.rule][2]
+            base = RULES[self.rule].label
             return f"{base}: kind-matched random" if self.control == "kind-matched" else base
         return {
             "aligned": "aligned model (no LoRA)",
@@ -71,11 +130,12 @@ def plan_variants(
 ) -> list[Variant]:
     """Every model to evaluate, aligned and LoRA first.
 
-    Per fraction: each rule's own choice (``select_layers(..., "fraction")``), its kind-matched random
-    control per seed (``random_matched``: same number of layers of each module kind, same action) and
-    a uniformly random choice of the same size per seed (pruned).
+    Per fraction: each rule's own choice (``RULES[rule].choose``), its kind-matched random control
+    per seed (``random_matched``: same number of layers of each module kind, same action) and a
+    uniformly random choice of the same size per seed (pruned).
     """
     from splora_callback import random_layers, random_matched, select_layers
+    from splora_callback.selection import as_selection, selection_units
 
     unknown = [rule for rule in rules if rule not in RULES]
     if unknown:
@@ -83,24 +143,25 @@ def plan_variants(
     variants = [Variant("aligned", None, None, (), "aligned"), Variant("lora", None, 0.0, (), "none")]
     for fraction in fractions:
         for rule in rules:
-            metric, action, _ = RULES[rule]
-            chosen = select_layers(scores.with_metric(metric), "fraction", fraction=fraction)
+            action, granularity = RULES[rule].action, RULES[rule].granularity
+            chosen = list(RULES[rule].choose(scores, fraction))
             variants.append(Variant(rule, None, fraction, tuple(chosen), action))
             variants += [
-                Variant(
-                    rule, "kind-matched", fraction, tuple(random_matched(chosen, scores, seed)), action, seed
-                )
+                Variant(rule, "kind-matched", fraction,
+                        tuple(selection_units(random_matched(as_selection(chosen, granularity), scores, seed))),
+                        action, seed)
                 for seed in seeds
             ]
-        count = len(select_layers(scores, "fraction", fraction=fraction))
+        layer_scores = scores.with_granularity("layer")  # uniform random whole layers
+        count = len(select_layers(layer_scores, "fraction", fraction=fraction))
         variants += [
-            Variant("random", "uniform", fraction, tuple(random_layers(scores, count, seed)), "prune", seed)
+            Variant("random", "uniform", fraction, tuple(random_layers(layer_scores, count, seed)), "prune", seed)
             for seed in seeds
         ]
     return variants
 
 
-def acted_copy(template: Any, alignment: Any, layers: Sequence[str], action: str) -> Any:
+def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:
     """A fresh copy of the trained LoRA model with ``action`` applied to ``layers``; ``template`` is untouched.
 
     Only the module tree and the LoRA factors are copied; every other parameter (the frozen aligned
@@ -118,7 +179,7 @@ def acted_copy(template: Any, alignment: Any, layers: Sequence[str], action: str
     }
     shared = {id(p): p for p in template.parameters() if id(p) not in lora}
     model = copy.deepcopy(template, memo=shared)
-    apply_action(model, alignment, list(layers), action)
+    apply_action(model, alignment, layers, action)
     return model
 
 
@@ -137,7 +198,7 @@ def load_variant(
 
     adapter = resolve_adapter_name(template)
     acted = (
-        template if not variant.layers else acted_copy(template, alignment, variant.layers, variant.action)
+        template if not variant.layers else acted_copy(template, alignment, variant.selection, variant.action)
     )
     root = unwrap_peft(acted)
     for name in names:

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from ._io import describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -21,35 +23,68 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be found, or does not hold the weight asked for."""
+    """A checkpoint cannot be found or read, or does not hold the weight asked for."""
+
+
+def check_readable(path: Path, what: str, error: type[Exception] = CheckpointError) -> None:
+    """Fail in words when ``path`` is missing or unreadable, before a reader says less.
+
+    ``Path.is_file`` says False, and safetensors' Rust reader "No such file or directory", for a
+    file the process may not read; opening it here names the file and the reason.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        error: ``path`` exists but cannot be opened for reading (permissions, a folder, ...).
+    """
+    try:
+        path.stat()
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found.") from None
+    except OSError as exc:
+        raise error(f"{what} cannot be read: {describe_os_error(exc)}") from exc
+
+
+def _corrupt(file: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{file} is not a readable safetensors file ({error}): it is truncated or corrupt. Download "
+        "or save the checkpoint again (model.save_pretrained(path))."
+    )
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory holding ``*.safetensors`` for ``name_or_path``.
 
     A local directory is used as it is. Anything else is treated as a Hub id and resolved with
-    ``huggingface_hub.snapshot_download`` (safetensors and their index only: no ``.bin``, no
-    tokenizer). Offline (``HF_HUB_OFFLINE=1``) or without network this fails at once with a message.
+    ``huggingface_hub.snapshot_download`` (the index and the shards it lists only: no ``.bin``, no
+    consolidated duplicate, no tokenizer; ``base_models.hub_allow_patterns``). Offline (``HF_HUB_OFFLINE=1``) or without network this fails at once with a message.
 
     Raises:
         CheckpointError: not a local directory and not resolvable on the Hub.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.suffix == ".safetensors" and path.is_file():
-        return path
+    try:
+        if path.is_dir():
+            os.listdir(path)  # a folder we may not list would look empty below
+            return path
+        if path.suffix == ".safetensors" and path.is_file():
+            return path
+    except OSError as error:
+        raise CheckpointError(f"Checkpoint {str(name_or_path)!r} cannot be read: {describe_os_error(error)}") from error
     text = str(name_or_path)
     if text.startswith(("/", ".", "~")) or text.count("/") > 1:  # a path, not an "org/name" Hub id
         raise CheckpointError(f"Checkpoint directory {str(name_or_path)!r} does not exist.")
     from huggingface_hub import snapshot_download
+
+    from .base_models import hub_allow_patterns
 
     try:
         return Path(
             snapshot_download(
                 str(name_or_path),
                 revision=revision,
-                allow_patterns=["*.safetensors", INDEX_FILE, "config.json"],
+                allow_patterns=[*hub_allow_patterns(str(name_or_path), revision), "config.json"],
             )
         )
     except Exception as error:  # network, auth, offline mode, missing repo: one actionable message
@@ -79,8 +114,7 @@ class SafetensorsCheckpoint:
             return cls(path.parent, cls._keys_of(path, path.name))
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return cls(path, dict(weight_map))
+            return cls(path, _read_index(index))
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
             raise CheckpointError(
@@ -94,8 +128,26 @@ class SafetensorsCheckpoint:
 
     @staticmethod
     def _keys_of(file: Path, shard_name: str) -> dict[str, str]:
-        with safe_open(str(file), framework="pt") as handle:
-            return dict.fromkeys(handle.keys(), shard_name)
+        check_readable(file, "Checkpoint shard")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return dict.fromkeys(handle.keys(), shard_name)
+        except SafetensorError as error:
+            raise _corrupt(file, error) from error
+
+    def files(self) -> list[Path]:
+        """The shard files the weights are read from (and the index, when there is one)."""
+        names = sorted(set(self.weight_map.values()))
+        index = self.path / INDEX_FILE
+        return [self.path / name for name in names] + ([index] if index.is_file() else [])
+
+    def fingerprint(self) -> list[list]:
+        """``[name, size, mtime_ns]`` of each file in :meth:`files`: changes when a file is rewritten."""
+        stats = []
+        for file in self.files():
+            info = file.stat()
+            stats.append([file.name, info.st_size, info.st_mtime_ns])
+        return stats
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
@@ -142,8 +194,25 @@ class SafetensorsCheckpoint:
         the tensor keeps pages read earlier out of its RSS (a handle kept open would hold every page
         read so far; measured in benchmarks/RESULTS.md). Opening costs a header parse.
         """
-        with safe_open(str(self.path / self.weight_map[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+        file = self.path / self.weight_map[key]
+        check_readable(file, f"Checkpoint shard of {key!r}")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except SafetensorError as error:
+            raise _corrupt(file, error) from error
+
+    def module_rows(self, module_name: str, rows: int, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """The first ``rows`` rows of the (m, n) weight, reading only those bytes of the shard."""
+        key = self.weight_key(module_name)
+        file = self.path / self.weight_map[key]
+        check_readable(file, f"Checkpoint shard of {key!r}")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                part = handle.get_slice(key)
+                return part[:, :rows].T.clone() if fan_in_fan_out else part[:rows].clone()
+        except SafetensorError as error:
+            raise _corrupt(file, error) from error
 
     def module_weight(self, module_name: str, fan_in_fan_out: bool = False) -> torch.Tensor:
         """The (m, n) weight of a linear module (``Conv1D``'s (n, m) storage transposed)."""
@@ -159,3 +228,19 @@ class SafetensorsCheckpoint:
                 if module.rsplit(".", 1)[-1] in kinds:
                     names.append(module)
         return names
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """``weight_map`` of a ``model.safetensors.index.json``, checked, naming the file on any problem."""
+    check_readable(index, "Shard index")
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{index} is not valid JSON ({error}); save the checkpoint again.") from error
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index} has no 'weight_map' object (tensor name -> shard file): it is not a safetensors "
+            "shard index. Save the checkpoint again, or remove the index if the folder holds one shard."
+        )
+    return dict(weight_map)

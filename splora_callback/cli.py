@@ -1,36 +1,52 @@
 """``splora score|prune|report``: the library's functions from a shell.
 
 No model is loaded: LoRA factors come from the adapter's safetensors file, and base and aligned
-weights are streamed from their checkpoints one module at a time.
+weights are streamed from their checkpoints one module at a time. Nothing is ever written onto an
+input (adapter, base, aligned model, alignment cache), and every problem is one line on stderr
+(exit status 2) naming the file, field or value and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from ._io import OutputExistsError, atomic_write_text
-from .alignment import AlignmentSubspace
-from .layers import lora_updates_from_adapter
-from .pruning import acted_config, acted_state_dict, write_adapter
-from .scoring import LayerScores, score_updates
-from .selection import select_layers
+from ._io import (
+    OutputExistsError,
+    OutputNotWritableError,
+    atomic_write_text,
+    check_output_path,
+    check_writable,
+    describe_os_error,
+    recover_leftovers,
+)
+
+# torch, safetensors and transformers load in the commands, not here: `splora --help` answers at once
+if TYPE_CHECKING:
+    from .alignment import AlignmentSubspace
+    from .scoring import LayerScores
+
+# E-DIEM and the probe select past a threshold from above; cosine and the signed diagnostic from below.
+_PAST = {"ediem": ">", "probe": ">", "cosine": "<", "signed": "<"}
 
 
-def format_table(scores: LayerScores, chosen: Sequence[str] = ()) -> str:
-    """A readable per-layer table: layer, kind, E-DIEM, cosine, relative distance, status."""
+def format_table(scores: LayerScores, chosen: Sequence[str] = (), sort: str = "module") -> str:
+    """A readable per-layer table: layer, kind, E-DIEM, cosine, relative distance, status, in
+    ``sort`` order (``provenance.SORTS``)."""
+    from .provenance import sorted_scores
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:+.4f}"
 
     header = ("layer", "kind", "E-DIEM", "cosine", "rel.dist", "signed", "status")
     rows = []
-    for score in scores:
+    for score in sorted_scores(scores, sort):
         status = "SELECTED" if score.name in chosen else score.status
         if score.ediem_scaled is False:
             status += " (unscaled: IQR=0)"
@@ -44,7 +60,30 @@ def format_table(scores: LayerScores, chosen: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """What no write may touch (paths that do not exist locally, Hub ids, are skipped)."""
+    return {"adapter": args.adapter_dir, "base model": args.base, "aligned model": args.aligned,
+            "alignment cache": args.cache}
+
+
+def _resolve_aligned(args: argparse.Namespace) -> None:
+    """``--aligned`` defaults to the adapter config's ``base_model_name_or_path`` (the model the
+    adapter was trained on); ``args.aligned_source`` says which."""
+    args.aligned_source = "--aligned"
+    if args.aligned is not None:
+        return
+    from .layers import read_adapter_config
+
+    recorded = read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(f"{Path(args.adapter_dir) / 'adapter_config.json'} records no base_model_name_or_path; "
+                         "pass --aligned (the aligned checkpoint the adapter was trained on).")
+    args.aligned, args.aligned_source = recorded, "adapter_config.json base_model_name_or_path"
+
+
 def _alignment(args: argparse.Namespace, names: list[str], fan_in_fan_out: bool) -> AlignmentSubspace:
+    from .alignment import AlignmentSubspace
+
     return AlignmentSubspace.from_pretrained(
         args.base,
         aligned=args.aligned,
@@ -56,13 +95,97 @@ def _alignment(args: argparse.Namespace, names: list[str], fan_in_fan_out: bool)
 
 
 def _score(args: argparse.Namespace):
+    from .layers import lora_updates_from_adapter
+    from .scoring import score_updates
+
+    if getattr(args, "probe_prompts", None):
+        return _score_with_probes(args)
+    if getattr(args, "granularity", "layer") != "layer" or getattr(args, "budget", None) is not None:
+        raise ValueError("--granularity component and --budget need the safety probe: pass --probe-prompts FILE "
+                         "(and --utility-examples FILE for --budget).")
+    if not args.base:
+        raise ValueError("--base BASE is required (the unaligned model ALIGNED was aligned from), unless "
+                         "--probe-prompts scores the adapter with the safety probe.")
+
+    if args.cache:  # the cache is written: never inside the adapter (checkpoints are checked later)
+        check_output_path(args.cache, {"adapter": args.adapter_dir}, what="--cache")
     updates, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
     alignment = _alignment(args, [update.name for update in updates], bool(config.get("fan_in_fan_out")))
     scores = score_updates(updates, alignment, args.metric, null=args.null, seed=args.seed)
     return scores, alignment, config, state_dict
 
 
-def _selection(args: argparse.Namespace, scores: LayerScores) -> list[str]:
+def read_pairs(path: str, response_key: str, default_response: Callable[[list[str]], list[str]] | None = None,
+               ) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from a JSONL file: one object per line with ``prompt`` and
+    ``response_key`` (``default_response`` fills a missing response, e.g. templated refusals).
+
+    Raises:
+        ValueError: a line that is not an object with string fields, naming the file and line.
+    """
+    import json
+
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg}); expected one object per line.") from error
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a string \"prompt\", got {line[:80]!r}.")
+        response = row.get(response_key)
+        if response is None and default_response is None:
+            raise ValueError(f"{path}:{number}: no \"{response_key}\" string; each line needs prompt and {response_key}.")
+        if response is not None and not isinstance(response, str):
+            raise ValueError(f"{path}:{number}: \"{response_key}\" must be a string.")
+        rows.append((row["prompt"], response))
+    if not rows:
+        raise ValueError(f"{path}: no examples (expected JSON lines with \"prompt\").")
+    if default_response is not None:
+        filled = iter(default_response([prompt for prompt, response in rows if response is None]))
+        rows = [(prompt, response if response is not None else next(filled)) for prompt, response in rows]
+    return rows
+
+
+def _score_with_probes(args: argparse.Namespace):
+    """Scores of the live adapter on the aligned model: the safety probe (and the utility probe)
+    run on it, geometry too when ``--base`` is given (spec 3b, 3c). Loads the model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .layers import lora_updates_from_adapter
+    from .probe import SafetyProbe, UtilityProbe, probe_pairs
+    from .scoring import score_layers
+
+    _, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.aligned)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    safety = SafetyProbe.from_pairs(
+        tokenizer, read_pairs(args.probe_prompts, "refusal", lambda prompts: [r for _, r in probe_pairs(prompts, seed=args.seed)]),
+        max_length=args.max_length)
+    utility = None if args.utility_examples is None else UtilityProbe.from_pairs(
+        tokenizer, read_pairs(args.utility_examples, "response"), max_length=args.max_length)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.aligned, dtype=torch.float32),
+                                      args.adapter_dir).eval()
+    alignment = None
+    if args.base:
+        names = [name for name in (key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+                                   for key in state_dict if key.endswith(".lora_A.weight"))]
+        alignment = _alignment(args, names, bool(config.get("fan_in_fan_out")))
+    scores = score_layers(model, alignment, "probe", null=args.null, seed=args.seed, probe=safety, utility=utility,
+                          granularity=args.granularity)
+    return scores, alignment, config, state_dict
+
+
+def _selection(args: argparse.Namespace, scores: LayerScores):
+    from .selection import select_layers
+
+    if getattr(args, "budget", None) is not None:
+        return select_layers(scores, "budget", budget=args.budget, k=args.top_k)
     if args.top_k is not None:
         return select_layers(scores, "top_k", k=args.top_k)
     if args.fraction is not None:
@@ -72,35 +195,115 @@ def _selection(args: argparse.Namespace, scores: LayerScores) -> list[str]:
     return []
 
 
+def why_nothing_selected(args: argparse.Namespace, scores: LayerScores) -> str:
+    """Which of the ways to select no layer happened, and what to do about it."""
+    if getattr(args, "budget", None) is not None:
+        return (f"Nothing selected: no {scores.granularity} lowers the refusal loss within --budget {args.budget} "
+                "of the task loss (first order); pass a larger --budget, or --top-k.")
+    if args.top_k is None and args.fraction is None and args.threshold is None:
+        return "No layer selected: pass --top-k, --fraction or --threshold."
+    eligible = scores.eligible()
+    if not eligible:
+        counts = Counter(score.status for score in scores)
+        if counts["inactive"] == len(scores):
+            return (f"No layer selected: all {len(scores)} LoRA layers are inactive (lora_B is zero: the adapter "
+                    "was saved before any training step?). There is nothing to prune.")
+        if counts["no_alignment"] == len(scores):
+            return (f"No layer selected: base and aligned weights are identical in all {len(scores)} adapted "
+                    "modules (V = 0), so no layer can be judged. --aligned must be the aligned model and "
+                    "--base its unaligned base; are they the same checkpoint?")
+        return (f"No layer selected: no layer can be judged ({counts['inactive']} inactive: lora_B is zero; "
+                f"{counts['no_alignment']} with base = aligned there: V = 0).")
+    if args.top_k is not None:
+        return "No layer selected: --top-k 0 selects none; pass --top-k 1 or more."
+    if args.fraction is not None:
+        return (f"No layer selected: --fraction {args.fraction} of the {len(eligible)} judgeable layers rounds "
+                f"to 0 layers; pass --fraction {0.5 / len(eligible):.3g} or more, or --top-k 1.")
+    suspicion = scores.suspicion()
+    worst = max(suspicion, key=suspicion.get)
+    value = getattr(scores[worst], "signed_alignment" if scores.metric == "signed" else scores.metric)
+    past = _PAST.get(scores.metric, ">")
+    return (f"No layer selected: no layer has {scores.metric} {past} {args.threshold} (the most suspect, "
+            f"{worst}, has {value:.4g}); pass a {'lower' if past == '>' else 'higher'} --threshold or --top-k.")
+
+
+def _writing(what: str, path: str, unchanged: str = "") -> Callable:
+    """Run a write; an ``OSError`` becomes one line saying what could not be written, and why."""
+
+    def run(write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as error:
+            raise OutputNotWritableError(
+                f"could not write {what} {path}: {describe_os_error(error)}.{unchanged}"
+            ) from error
+
+    return run
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    from .provenance import dumps, scores_document
+
+    _resolve_aligned(args)
+    to_stdout = args.json == "-"  # the JSON goes to stdout; the table to stderr
+    if args.json and not to_stdout:  # refuse before the work, not after it
+        check_output_path(args.json, _inputs(args), what="--json")
+        check_writable(args.json, "--json")
+    table = sys.stderr if to_stdout else sys.stdout
     scores, _, _, _ = _score(args)
     chosen = _selection(args, scores)
-    print(format_table(scores, chosen))
+    print(format_table(scores, chosen, args.sort), file=table)
     counts = {status: sum(s.status == status for s in scores) for status in ("active", "inactive", "no_alignment")}
-    print(f"\n{len(scores)} LoRA layers: {counts}; metric={args.metric}, null={args.null}; higher E-DIEM = more suspect.")
+    print(f"\n{len(scores)} LoRA layers: {counts}; metric={args.metric}, null={args.null}; higher E-DIEM = more suspect.",
+          file=table)
     if args.json:
-        atomic_write_text(args.json, json.dumps({**scores.to_dict(), "selected": chosen}, indent=2))
-        print(f"Scores written to {args.json}")
+        text = dumps(scores_document(scores, chosen, args, args.aligned_source, __version__))
+        if to_stdout:
+            print(text)
+        else:
+            _writing("--json", args.json)(lambda: atomic_write_text(args.json, text))
+            print(f"Scores written to {args.json}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    if Path(args.output).resolve() == Path(args.adapter_dir).resolve():
-        raise OutputExistsError("--output must differ from ADAPTER_DIR: the input adapter is never modified.")
-    if Path(args.output).exists() and not args.overwrite:
+    from .model_card import facts_from_cli, write_model_card
+    from .pruning import acted_adapter, write_adapter
+    from .selection import selection_size
+
+    _resolve_aligned(args)
+    output = Path(args.output)
+    check_output_path(output, _inputs(args), what="--output")
+    if args.cache:  # written by this run before the output: it must not end up inside it either
+        check_output_path(output, {"alignment cache": args.cache}, what="--output", existing_only=False)
+    recover_leftovers(output.parent, output.name)  # a killed --overwrite: the old copy comes back first
+    if output.exists() and not args.overwrite:
         raise OutputExistsError(f"Output directory {args.output} already exists; pass --overwrite to replace it.")
+    check_writable(output.parent, "--output's parent folder", directory=True)
     scores, alignment, config, state_dict = _score(args)
     chosen = _selection(args, scores)
     if not chosen:
-        raise ValueError("No layer selected: pass --top-k, --fraction or --threshold.")
-    write_adapter(
-        args.output,
-        acted_state_dict(state_dict, chosen, args.action, alignment),
-        acted_config(config, chosen, args.action),
-        overwrite=args.overwrite,
+        raise ValueError(why_nothing_selected(args, scores))
+    acted, acted_cfg = acted_adapter(state_dict, config, chosen, args.action, alignment)  # refuses pruning every layer
+    unchanged = f" {args.output} is unchanged." if output.exists() else ""
+    _writing("--output", args.output, unchanged)(
+        lambda: write_adapter(args.output, acted, acted_cfg, overwrite=args.overwrite)
     )
-    print(format_table(scores, chosen))
-    print(f"\n{args.action}: {len(chosen)} of {len(scores)} LoRA layers -> {args.output}")
+    selection = next(f"`--{name.replace('_', '-')} {value}`" for name, value in
+                     (("budget", getattr(args, "budget", None)), ("top_k", args.top_k), ("fraction", args.fraction),
+                      ("threshold", args.threshold))
+                     if value is not None)
+    metric = "probe" if getattr(args, "probe_prompts", None) else args.metric
+    facts = facts_from_cli(aligned=args.aligned, base=args.base, metric=metric, selection=selection,
+                           action=args.action, scores=scores, chosen=list(chosen), adapter=str(args.adapter_dir),
+                           version=__version__)
+    _writing("the model card in", args.output)(lambda: write_model_card(args.output, facts))
+    print(format_table(scores, chosen, args.sort))
+    if isinstance(chosen, dict):
+        print(f"\n{args.action}: {selection_size(chosen)} rank-one components in {len(chosen)} of {len(scores)} LoRA "
+              f"layers -> {args.output} (model card: README.md)")
+    else:
+        print(f"\n{args.action}: {len(chosen)} of {len(scores)} LoRA layers -> {args.output} (model card: README.md)")
     return 0
 
 
@@ -112,15 +315,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS_HELP = """\
+Two checkpoints define what "safety drift" is measured against:
+  ALIGNED  the aligned (chat / instruct) model the LoRA adapter was trained on, e.g.
+           meta-llama/Llama-2-7b-chat-hf; default: the adapter's adapter_config.json
+           base_model_name_or_path (what PEFT recorded at training time)
+  BASE     the unaligned model ALIGNED was aligned from, e.g. meta-llama/Llama-2-7b-hf
+Alignment moved the weights by V = W_aligned - W_base; each LoRA layer is scored by how far its
+update strays from V (E-DIEM, Safe LoRA's cosine). Both are local directories or Hub ids;
+only their safetensors shards are read, one tensor at a time (no model is loaded).
+"""
+EXAMPLES = """\
+examples:
+  splora score out/adapter --base meta-llama/Llama-2-7b-hf --top-k 10 --sort ediem
+  splora score out/adapter --base BASE --aligned ALIGNED --json scores.json
+  splora score out/adapter --base BASE --json - | jq '.layers[] | select(.ediem > 2)'
+  splora prune out/adapter --base BASE --top-k 10 --output out/pruned   # out/adapter is never touched
+  splora report out                                                     # out/splora_report.html again
+  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \
+      --granularity component --budget 0.05 --output out/repaired       # loads the model (docs/components.md)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splora", description=__doc__.splitlines()[0])
+    from .provenance import SORTS
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="splora", description=__doc__.splitlines()[0].replace("``", "") + "\n\n" + MODELS_HELP,
+                                     epilog=EXAMPLES, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"splora-callback {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def scoring_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("adapter_dir", help="LoRA adapter directory written by PeftModel.save_pretrained")
-        sub.add_argument("--base", required=True, help="unaligned base checkpoint: directory or Hub id")
-        sub.add_argument("--aligned", required=True, help="aligned checkpoint the adapter was trained on")
+        sub.add_argument("--base", metavar="BASE",
+                         help="the unaligned base model ALIGNED was aligned from: directory or Hub id (required "
+                              "unless --probe-prompts is given)")
+        sub.add_argument("--aligned", metavar="ALIGNED",
+                         help="the aligned model the adapter was trained on: directory or Hub id (default: "
+                              "adapter_config.json's base_model_name_or_path)")
+        sub.add_argument("--sort", choices=list(SORTS), default="module",
+                         help="table order: module (default), name, suspicion (most suspect first under "
+                              "--metric), or one score, most suspect first")
         sub.add_argument("--metric", choices=["ediem", "cosine", "signed"], default="ediem")
         sub.add_argument("--null", choices=["layers", "permutation"], default="layers")
         sub.add_argument("--seed", type=int, default=0)
@@ -131,31 +367,56 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--fraction", type=float, help="select this share of the scored layers")
         group.add_argument("--threshold", type=float, help="select layers past this score")
 
-    score = commands.add_parser("score", help="print per-layer scores of an adapter")
+    score = commands.add_parser("score", help="print per-layer scores of an adapter", description=MODELS_HELP,
+                                epilog=EXAMPLES, formatter_class=formatter)
     scoring_options(score)
-    score.add_argument("--json", help="also write the scores to this JSON file")
+    score.add_argument("--json", metavar="FILE",
+                       help="also write the scores (format splora-scores-v1, with provenance: paths and "
+                            "SHA-256 of adapter, base and aligned files) to FILE; '-' writes them to stdout "
+                            "and the table to stderr")
     score.set_defaults(func=cmd_score)
 
-    prune = commands.add_parser("prune", help="write a pruned (or projected) copy of an adapter")
+    prune = commands.add_parser("prune", help="write a pruned (or projected) copy of an adapter, with a model card",
+                                description=MODELS_HELP, epilog=EXAMPLES, formatter_class=formatter)
     scoring_options(prune)
     prune.add_argument("--output", required=True, help="new adapter directory (the input is never touched)")
+    probes = prune.add_argument_group(
+        "repair with the safety probe (spec 3b, 3c): these LOAD the aligned model and the adapter (CPU, float32) "
+        "and run a forward and backward pass over the examples")
+    probes.add_argument("--probe-prompts", metavar="FILE",
+                        help="JSONL of harmful prompts: {\"prompt\": ..., \"refusal\": ...} (refusal optional: "
+                             "templated); selects by the safety probe (never use evaluation prompts here)")
+    probes.add_argument("--utility-examples", metavar="FILE",
+                        help="JSONL of task examples {\"prompt\": ..., \"response\": ...}: the utility probe "
+                             "(--budget needs it)")
+    probes.add_argument("--granularity", choices=["layer", "component"], default="layer",
+                        help="prune whole LoRA layers, or rank-one components of their updates")
+    probes.add_argument("--budget", type=float,
+                        help="select by safety gain per unit of task cost until the predicted task-loss increase "
+                             "reaches this share of the task loss (e.g. 0.05); --top-k caps the count")
+    probes.add_argument("--max-length", type=int, default=256, help="tokens per probe example")
     prune.add_argument("--action", choices=["prune", "project"], default="prune")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     prune.set_defaults(func=cmd_prune)
 
     report = commands.add_parser("report", help="regenerate splora_report.html from splora_report.json")
-    report.add_argument("output_dir", help="training output_dir holding splora_report.json")
+    report.add_argument("output_dir", help="training output_dir holding splora_report.json (or that file)")
     report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-        print(f"splora {args.command}: error: {error}", file=sys.stderr)
+    except OSError as error:  # a read or write the commands did not expect to fail: say which file
+        print(f"splora {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"splora {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
-SELECTS = ("top_k", "fraction", "threshold")
+SELECTS = ("top_k", "fraction", "threshold", "budget")
+GRANULARITIES = ("layer", "component")
 ACTIONS = ("prune", "project", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENTS = ("stream", "cpu", "resident")
 
 
 @dataclass
@@ -38,8 +41,20 @@ class SPLoRAConfig:
         default="layers", metadata={"help": "E-DIEM null: same-shape peer layers, or row permutations of B."}
     )
     permutations: int = field(default=16, metadata={"help": "Permutations per layer for null='permutation' (>= 16)."})
-    select: Literal["top_k", "fraction", "threshold"] = field(
-        default="fraction", metadata={"help": "How many layers to act on."}
+    select: Literal["top_k", "fraction", "threshold", "budget"] | None = field(
+        default=None,
+        metadata={"help": "How many layers (components) to act on; budget: best safety gain per task-loss cost "
+                          "until `budget` (needs probe and utility). Default: inferred from the one of k, "
+                          "threshold, budget given, else fraction."},
+    )
+    granularity: Literal["layer", "component"] = field(
+        default="layer",
+        metadata={"help": "Act on whole LoRA layers, or on the rank-one components of their updates (spec 3c)."},
+    )
+    budget: float | None = field(
+        default=None,
+        metadata={"help": "select='budget': largest predicted task-loss increase, as a share of the task loss "
+                          "(0.05 = 5 %)."},
     )
     k: int | None = field(default=None, metadata={"help": "select='top_k': number of layers."})
     fraction: float | None = field(default=0.25, metadata={"help": "select='fraction': share of scored layers."})
@@ -61,20 +76,74 @@ class SPLoRAConfig:
     alignment_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Storage dtype of V (bfloat16 halves memory)."}
     )
+    alignment_placement: Literal["stream", "cpu", "resident"] = field(
+        default="stream",
+        metadata={"help": "Where V lives while training: stream (kept on the CPU, one module at a time on the "
+                          "LoRA weights' device when scored), cpu (kept and scored on the CPU) or resident (all "
+                          "of V on the LoRA weights' device: fastest, 8.6 GB fp32 at 7B q/k/v/o)."},
+    )
     alert_threshold: float | None = field(
         default=None, metadata={"help": "wandb.alert when a layer's E-DIEM first exceeds this value."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the permutation null (local RNG only)."})
+    refusal_loss_alert: float | None = field(
+        default=None,
+        metadata={"help": "Alert when the safety probe's refusal loss exceeds the aligned model's (adapter "
+                          "disabled) by more than this many nats; needs probe."},
+    )
+    refusal_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Held-out harmful prompts for the refusal rate (greedy generation); never the "
+                          "probe's or the evaluation's prompts."},
+    )
+    refusal_every_n_steps: int = field(
+        default=0, metadata={"help": "Measure the refusal rate on refusal_prompts every N steps (0: off)."}
+    )
+    refusal_max_new_tokens: int = field(
+        default=32, metadata={"help": "Tokens generated per refusal prompt (refusal keywords come early)."}
+    )
+    refusal_rate_alert: float | None = field(
+        default=None, metadata={"help": "Alert when the refusal rate falls below this value (0-1)."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop training after this many consecutive safety checks past refusal_loss_alert "
+                          "or refusal_rate_alert (control.should_training_stop, as EarlyStoppingCallback)."},
+    )
+    permutation_seed: int = field(
+        default=0, metadata={"help": "Seed of the permutation null (local RNG only)."}
+    )
     probe: Any = field(
         default=None, metadata={"help": "SafetyProbe for metric='probe' (not serialised)."}, repr=False
     )
+    utility: Any = field(
+        default=None,
+        metadata={"help": "UtilityProbe (task examples) for select='budget' (not serialised); default in the "
+                          "callback: a seeded slice of the training data."},
+        repr=False,
+    )
+    utility_examples: int = field(
+        default=32, metadata={"help": "Examples of the utility probe the callback builds when utility is None."}
+    )
+    # Deprecated alias of permutation_seed (clashed with TrainingArguments.seed in HfArgumentParser);
+    # an InitVar, so argument parsers never see it. Removed in 0.3.
+    seed: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, seed: int | None = None) -> None:
+        if seed is not None:
+            warnings.warn(
+                "SPLoRAConfig(seed=...) is deprecated: use permutation_seed= (seed clashes with "
+                "TrainingArguments.seed). The alias will be removed in 0.3.", FutureWarning, stacklevel=3,
+            )
+            self.permutation_seed = seed
         _check_choice("metric", self.metric, METRICS)
         _check_choice("null", self.null, NULLS)
+        self._infer_select()
         _check_choice("select", self.select, SELECTS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("action", self.action, ACTIONS)
         _check_choice("alignment_dtype", self.alignment_dtype, DTYPES)
+        _check_choice("alignment_placement", self.alignment_placement, PLACEMENTS)
+        _check_safety(self)
         if self.permutations < 16:
             raise ValueError(f"SPLoRAConfig.permutations={self.permutations!r}: must be >= 16 (spec 3).")
         if self.select == "top_k" and (not isinstance(self.k, int) or self.k < 0):
@@ -88,25 +157,105 @@ class SPLoRAConfig:
                 f"SPLoRAConfig.score_every_n_steps={self.score_every_n_steps!r}: must be an integer >= 0 "
                 "(0 scores only at the end of training)."
             )
+        if self.select == "budget" and (self.budget is None or not self.budget >= 0):
+            raise ValueError(
+                f"SPLoRAConfig.budget={self.budget!r}: select='budget' needs budget >= 0, the share of the task "
+                "loss the repair may cost (e.g. 0.05)."
+            )
+        if self.select == "budget" and self.metric != "probe":
+            raise ValueError(
+                f"SPLoRAConfig.metric={self.metric!r}: select='budget' trades the safety probe's gain against "
+                "the utility probe's cost; set metric='probe' and probe=SafetyProbe(...)."
+            )
+        if self.granularity == "component" and self.action == "project":
+            raise ValueError(
+                "SPLoRAConfig.action='project' with granularity='component': projection acts on whole layers; "
+                "use action='prune' (or 'none') with components."
+            )
+        if not isinstance(self.utility_examples, int) or self.utility_examples < 1:
+            raise ValueError(f"SPLoRAConfig.utility_examples={self.utility_examples!r}: must be an integer >= 1.")
         if self.metric == "probe" and self.probe is None:
             raise ValueError("SPLoRAConfig.probe=None: metric='probe' needs probe=SafetyProbe(...).")
         if self.metric != "probe" and self.base_model is None:
             raise ValueError(
                 f"SPLoRAConfig.base_model=None: metric={self.metric!r} needs the unaligned base model "
-                "(local directory or Hub id) to build the alignment subspace."
+                "(local directory or Hub id) to build the alignment subspace, or base_model='auto' to infer "
+                "it from the aligned model's card or a table of known pairs (what SPLoRACallback() does)."
             )
+
+    def _infer_select(self) -> None:
+        """``select`` from the one selection option given (``k=10`` alone means top_k); an option
+        the chosen ``select`` would ignore is an error, never silently dropped."""
+        given = [name for name in ("k", "threshold", "budget") if getattr(self, name) is not None]
+        if self.select is None:
+            inferred = {(): "fraction", ("k",): "top_k", ("threshold",): "threshold", ("budget",): "budget",
+                        ("k", "budget"): "budget"}.get(tuple(given))
+            if inferred is None:
+                raise ValueError(
+                    f"SPLoRAConfig: {' and '.join(f'{name}={getattr(self, name)!r}' for name in given)} are both "
+                    "set; pass select= ('top_k', 'threshold' or 'budget') to say which one selects the layers."
+                )
+            self.select = inferred
+        uses = {"top_k": ("k",), "threshold": ("threshold",), "budget": ("budget", "k")}.get(self.select, ())
+        for name in given:
+            if name not in uses:
+                wanted = {"k": "top_k", "threshold": "threshold", "budget": "budget"}[name]
+                raise ValueError(
+                    f"SPLoRAConfig.{name}={getattr(self, name)!r} is set but select={self.select!r} ignores it; "
+                    f"pass select={wanted!r} to select by {name}, or drop {name}."
+                )
 
     def selection_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`select_layers` for this config."""
+        if self.select == "budget":  # k, when set, caps the number of units taken
+            return {"select": "budget", "budget": self.budget, "k": self.k}
         return {"select": self.select, "k": self.k, "fraction": self.fraction, "threshold": self.threshold}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the probe is summarised, not serialised)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "probe"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("probe", "utility")}
         data["probe"] = None if self.probe is None else repr(self.probe)
+        data["utility"] = None if self.utility is None else repr(self.utility)
         return data
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"SPLoRAConfig.{name}={value!r}: expected one of {', '.join(choices)}.")
+
+
+def _check_safety(config: SPLoRAConfig) -> None:
+    """The direct safety signal's fields (refusal loss, refusal rate, early stop): each names its need."""
+    if config.refusal_loss_alert is not None and config.probe is None:
+        raise ValueError(
+            f"SPLoRAConfig.refusal_loss_alert={config.refusal_loss_alert!r} needs probe=SafetyProbe(...): the "
+            "refusal loss is the probe's."
+        )
+    if not isinstance(config.refusal_every_n_steps, int) or config.refusal_every_n_steps < 0:
+        raise ValueError(f"SPLoRAConfig.refusal_every_n_steps={config.refusal_every_n_steps!r}: must be an integer "
+                         ">= 0 (0: no refusal rate).")
+    if not isinstance(config.refusal_max_new_tokens, int) or config.refusal_max_new_tokens < 1:
+        raise ValueError(f"SPLoRAConfig.refusal_max_new_tokens={config.refusal_max_new_tokens!r}: must be an "
+                         "integer >= 1.")
+    prompts = config.refusal_prompts
+    if prompts is not None and (isinstance(prompts, str) or not prompts
+                                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"SPLoRAConfig.refusal_prompts={prompts!r:.80}: must be a non-empty list of prompts.")
+    if config.refusal_every_n_steps and prompts is None:
+        raise ValueError(f"SPLoRAConfig.refusal_every_n_steps={config.refusal_every_n_steps} needs refusal_prompts "
+                         "(a few held-out harmful prompts).")
+    if prompts is not None and not config.refusal_every_n_steps:
+        raise ValueError("SPLoRAConfig.refusal_prompts is set but refusal_every_n_steps=0 never uses it; pass "
+                         "refusal_every_n_steps (e.g. 200).")
+    if config.refusal_rate_alert is not None:
+        if not 0 <= config.refusal_rate_alert <= 1:
+            raise ValueError(f"SPLoRAConfig.refusal_rate_alert={config.refusal_rate_alert!r}: a rate in [0, 1].")
+        if prompts is None:
+            raise ValueError("SPLoRAConfig.refusal_rate_alert needs refusal_prompts and refusal_every_n_steps.")
+    patience = config.early_stopping_patience
+    if patience is not None:
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"SPLoRAConfig.early_stopping_patience={patience!r}: must be an integer >= 1.")
+        if config.refusal_loss_alert is None and config.refusal_rate_alert is None:
+            raise ValueError("SPLoRAConfig.early_stopping_patience needs a safety alert to count: set "
+                             "refusal_loss_alert (with a probe) or refusal_rate_alert (with refusal_prompts).")

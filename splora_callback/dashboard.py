@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
+from .headline import headline, safety_figure, safety_summary, verdict
 from .report import (
     REPORT_HTML,
     TABLE_COLUMNS,
     final_scores,
+    kept_ranks,
     kind_means,
     load_report,
     pruned_layers,
+    report_path,
     summary_scalars,
     table_rows,
 )
@@ -193,6 +196,10 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:1
         "text-align:right}td:first-child{text-align:left}tr.pruned{background:#fde0e0}"
         "code{background:#f4f4f4}")
 _CAPTIONS = {
+    "safety": "The safety signal: the safety probe's refusal loss at every scoring step (higher = the model refuses "
+              "less readily), against the aligned model's (adapter disabled, dashed) and the alert level (dotted); "
+              "the star is the value after the end-of-training action; the refusal rate of greedy generations on "
+              "held-out prompts on the right axis when measured. See docs/dashboard.md for what to do.",
     "heatmap": "E-DIEM per layer and scoring step. Red: the update strays from the alignment subspace more "
                "than its peers; blue: less; grey: inactive (LoRA B still zero) or not judgeable (V = 0).",
     "final_bar": "E-DIEM at the last scoring step. Red hatched bars: layers the action was applied to. "
@@ -220,30 +227,43 @@ def render_html(report: dict[str, Any]) -> str:
              f"<code>{_cell(config.get('metric'))}</code>, selection "
              f"<code>{_cell(config.get('select'))}</code>, "
              f"action <code>{_cell(config.get('action'))}</code>. Layers acted on ({len(pruned)}): "
-             f"{_cell(', '.join(pruned) or 'none')}.</p>"]
+             f"{_cell(', '.join(pruned) or 'none')}.</p>",
+             f"<div id='headline' style='border-left:4px solid #d62728;padding:0.3em 1em;background:#fafafa'>"
+             f"<p><b>Safety signal.</b> {html.escape(headline(report))}</p>"
+             f"<p>{html.escape(verdict(report))}</p></div>"]
     if scores is None:
         parts.append("<p>No scoring call was recorded.</p>")
     else:
-        for key, function in FIGURES.items():
+        # the direct safety signal first, when there is one (without, the headline says how to get it)
+        lead = {"safety": safety_figure} if safety_summary(report)["has_signal"] else {}
+        for key, function in {**lead, **FIGURES}.items():
             png = base64.b64encode(figure_png(function(report))).decode()
             parts.append(f"<figure id='{key}'><img alt='{key}' src='data:image/png;base64,{png}'>"
                          f"<figcaption>{html.escape(_CAPTIONS[key])}</figcaption></figure>")
-        header = "".join(f"<th>{column}</th>" for column in TABLE_COLUMNS)
+        header = "".join(f"<th>{html.escape(column)}</th>" for column in TABLE_COLUMNS)
         rows = "".join(f"<tr class='{'pruned' if row[-1] else ''}'>"
                        + "".join(f"<td>{_cell(value)}</td>" for value in row) + "</tr>"
-                       for row in table_rows(scores, pruned))
-        parts.append(f"<h2>Final scores (step {report['history'][-1]['step']})</h2><table id='scores'>"
+                       for row in table_rows(scores, pruned, kept_ranks(report)))
+        parts.append(f"<h2>Final scores (step {_cell(report['history'][-1]['step'])})</h2><table id='scores'>"
                      f"<tr>{header}</tr>{rows}</table>")
-    details = {"config": config, "action": report.get("action"), "checkpoints": report.get("checkpoints"),
+    details = {"config": config, "action": report.get("action"), "safety": report.get("safety"),
+               "memory": report.get("memory"), "repair": report.get("repair"),
+               "checkpoints": report.get("checkpoints"),
                "alignment": report.get("alignment"), "versions": report.get("versions")}
     parts.append(f"<h2>Details</h2><pre>{html.escape(json.dumps(details, indent=1))}</pre></body></html>")
     return "\n".join(parts)
 
 
 def write_html_report(output_dir: str | os.PathLike) -> Path:
-    """Regenerate ``splora_report.html`` from ``output_dir/splora_report.json``; return its path."""
-    report = load_report(output_dir)
-    path = Path(output_dir) / REPORT_HTML
+    """Regenerate ``splora_report.html`` from ``output_dir/splora_report.json`` (or from that JSON
+    file: the page goes next to it); return its path.
+
+    Raises:
+        FileNotFoundError, ReportError: see :func:`~splora_callback.report.load_report`.
+    """
+    source = report_path(output_dir)
+    report = load_report(source)
+    path = source.parent / REPORT_HTML
     atomic_write_text(path, render_html(report))
     return path
 
@@ -256,7 +276,7 @@ def wandb_final_media(wandb: Any, report: dict[str, Any]) -> dict[str, Any]:
     from PIL import Image
 
     scores, pruned = final_scores(report), pruned_layers(report)
-    table = wandb.Table(columns=TABLE_COLUMNS, data=table_rows(scores, pruned))
+    table = wandb.Table(columns=TABLE_COLUMNS, data=table_rows(scores, pruned, kept_ranks(report)))
     marked = set(pruned)
     bars = wandb.Table(columns=["layer", "ediem"], data=[
         [f"[pruned] {s.name}" if s.name in marked else s.name, s.ediem]

@@ -18,6 +18,7 @@ Every function that gathers is collective: all ranks must call it, in the same o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,22 +34,36 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .alignment import CACHE_FORMAT, AlignmentSubspace, _alignment_direction
+from ._io import check_output_path
+from .alignment import CACHE_FORMAT, AlignmentSubspace, _alignment_direction, cache_matches_checkpoints
 from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint
 from .layers import (
     PEFT_PREFIX,
+    model_input_paths,
     resolve_adapter_name,
 )
 from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, spectral_norm
+from .probe import SafetyProbe, UtilityProbe
 from .pruning import (
     ActionReport,
-    acted_config,
-    acted_state_dict,
+    acted_adapter,
     apply_action,
     save_acted_adapter,
     write_adapter,
 )
-from .scoring import SUSPICION, LayerScore, LayerScores, Metric, Null, score_layers, score_updates
+from .scoring import (
+    SUSPICION,
+    LayerScore,
+    LayerScores,
+    Metric,
+    Null,
+    add_component_ediem,
+    attach_components,
+    attach_probes,
+    check_scoring_options,
+    score_layers,
+    score_updates,
+)
 from .sharding import (
     Engine,
     clean_name,
@@ -182,6 +197,8 @@ def _load_slice(path: Path, names: Sequence[str], source: dict, device: str | to
         metadata = handle.metadata() or {}
         if metadata.get("format") != CACHE_FORMAT or json.loads(metadata.get("source", "{}")) != source:
             return None
+        if not cache_matches_checkpoints(metadata, source):  # same paths, other contents: rebuild
+            return None
         if not set(names) <= set(handle.keys()):
             return None
         directions = {name: handle.get_tensor(name) for name in names}
@@ -298,7 +315,9 @@ def score_layers_distributed(
     permutations: int = 16,
     seed: int = 0,
     adapter_name: str | None = None,
-    probe: object | None = None,
+    probe: SafetyProbe | None = None,
+    utility: UtilityProbe | None = None,
+    granularity: str = "layer",
 ) -> LayerScores:
     """:func:`~splora_callback.scoring.score_layers`, with the layers split over the ranks.
 
@@ -311,40 +330,50 @@ def score_layers_distributed(
     engine = sharding_engine(model)
     if world_size() == 1 and engine == "none":
         return score_layers(model, alignment, metric, null=null, permutations=permutations, seed=seed,
-                            adapter_name=adapter_name, probe=probe)
+                            adapter_name=adapter_name, probe=probe, utility=utility, granularity=granularity)
     if metric not in SUSPICION:
         raise ValueError(f"metric={metric!r}; expected one of {sorted(SUSPICION)}.")
-    if metric == "probe" and probe is None:
-        raise ValueError("metric='probe' needs probe=SafetyProbe(...) (see splora_callback.probe).")
-    if alignment is None and metric != "probe":
-        raise ValueError(f"metric={metric!r} needs an alignment subspace (AlignmentSubspace.from_pretrained).")
+    check_scoring_options(metric, alignment, probe, granularity)
     adapter, layers = lora_layers(model, adapter_name)
     names = [name for name, _ in layers]
-    local, error = {}, None
-    with torch.no_grad():  # not around the probe: it takes its own gradients
+    partials, kept, error = {}, [], None
+    with torch.no_grad():  # not around the probes: they take their own gradients
         for update in lora_updates_gathered(model, adapter, keep=set(layer_slice(layers))):
             if error is not None:
                 continue
             try:  # one layer at a time: the factors are only valid inside this iteration
-                partial = score_updates([update], alignment, metric, null=null, permutations=permutations, seed=seed)
-                local[update.name] = asdict(partial[update.name])
+                partials[update.name] = score_updates([update], alignment, metric, null=null,
+                                                      permutations=permutations, seed=seed)
+                if granularity == "component":  # r (m + n) numbers: kept for the probes' r x r work below
+                    kept.append(dataclasses.replace(update, lora_A=update.lora_A.clone(), lora_B=update.lora_B.clone()))
             except Exception as exc:  # keep joining the gathers; raise on every rank below
                 error = exc
+    raise_if_any_failed(error)
+    # collective, after the gathers (ZeRO-3 keeps some lora_A gathered after a probe pass): each rank
+    # runs its rows of each probe; the sums and r x r interactions are all-reduced
+    safety = None if probe is None else probe.run(unwrap_parallel(model), adapter_name=adapter)
+    task = None if utility is None else utility.run(unwrap_parallel(model), adapter_name=adapter)
+    local = {}
+    try:
+        for update in kept:
+            attach_components(partials[update.name], [update], alignment, safety, task)
+        local = {name: asdict(partial[name]) for name, partial in partials.items()}
+    except Exception as exc:  # raise on every rank below
+        error = exc
     raise_if_any_failed(error)
     merged: dict[str, dict] = {}
     for part in all_gather_object(local):
         merged.update(part)
-    scores = LayerScores(metric, null)
+    scores = LayerScores(metric, null, granularity=granularity)
     for name in names:
         scores.layers[name] = LayerScore(**{**merged[name], "shape": tuple(merged[name]["shape"])})
     if null == "layers":  # shape peers need every layer's distance
         distances = {s.name: s.relative_distance for s in scores if s.status == "active" and s.relative_distance is not None}
         for name, robust in ediem_shape_peers(distances, {name: scores[name].shape for name in distances}).items():
             scores.layers[name].ediem, scores.layers[name].ediem_scaled = robust.value, robust.scaled
-    if probe is not None:  # collective itself: each rank runs its rows, the sums are all-reduced
-        for name, value in probe.attribute(unwrap_parallel(model), adapter_name=adapter).items():
-            if scores.layers[name].status == "active":
-                scores.layers[name].probe = value
+    attach_probes(scores, safety, task)
+    if granularity == "component" and alignment is not None:
+        add_component_ediem(scores)
     return scores
 
 
@@ -463,12 +492,14 @@ def save_acted_adapter_distributed(
     full = _gather_adapter_tensors(model, adapter)
 
     def write() -> None:
+        check_output_path(output_dir, model_input_paths(peft_inner(unwrap_parallel(model)), adapter, alignment))
         tensors = _peft_state_dict(model, adapter, full)
         for name, up in projected.items():
             key = f"{PEFT_PREFIX}{name}.lora_B.weight"
             tensors[key] = up.to(tensors[key].dtype)
         config = peft_inner(unwrap_parallel(model)).peft_config[adapter].to_dict()
-        acted = acted_state_dict(tensors, chosen, "prune" if action == "prune" else "none")
-        write_adapter(output_dir, acted, acted_config(config, chosen, action), overwrite=overwrite)
+        # project's C B is already in the tensors: the rest of the action is "none" for them
+        write_adapter(output_dir, *acted_adapter(tensors, config, chosen, "prune" if action == "prune" else "none"),
+                      overwrite=overwrite)
 
     on_main(write)

@@ -26,7 +26,7 @@ import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, repr=False)
-class SafetyProbe:
-    """A tokenised probe set: harmful prompts with refusal responses, loss on the responses only.
+class ProbeSet:
+    """A tokenised probe set: prompts with target responses, loss on the responses only.
+
+    Use its two kinds: :class:`SafetyProbe` (harmful prompts, refusals) and :class:`UtilityProbe`
+    (task prompts, the task's answers).
 
     Attributes:
         input_ids: (N, T) int64 token ids, padded (right padding from :meth:`from_pairs`).
@@ -64,27 +67,29 @@ class SafetyProbe:
     prompts: tuple[str, ...] | None = None
     batch_size: int = 8
 
+    response_name: ClassVar[str] = "response"  # what the responses are, in messages
+
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
         if len(shape) != 2 or shape[0] == 0:
-            raise ValueError(f"SafetyProbe.input_ids must be (N, T) with N >= 1, got shape {shape}.")
+            raise ValueError(f"{type(self).__name__}.input_ids must be (N, T) with N >= 1, got shape {shape}.")
         for name in ("attention_mask", "labels"):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"SafetyProbe.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}.")
+                raise ValueError(f"{type(self).__name__}.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}.")
         if self.prompts is not None and len(self.prompts) != shape[0]:
-            raise ValueError(f"SafetyProbe.prompts has {len(self.prompts)} entries for {shape[0]} examples.")
+            raise ValueError(f"{type(self).__name__}.prompts has {len(self.prompts)} entries for {shape[0]} examples.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"SafetyProbe.batch_size={self.batch_size!r}: must be an integer >= 1.")
+            raise ValueError(f"{type(self).__name__}.batch_size={self.batch_size!r}: must be an integer >= 1.")
         if ((self.labels != IGNORE_INDEX) & (self.attention_mask == 0)).any():
-            raise ValueError("SafetyProbe.labels: padding tokens (attention_mask 0) must be labelled -100.")
+            raise ValueError(f"{type(self).__name__}.labels: padding tokens (attention_mask 0) must be labelled -100.")
         if self.response_tokens == 0:
-            raise ValueError("SafetyProbe.labels: no response token (every label is -100); nothing to probe.")
+            raise ValueError(f"{type(self).__name__}.labels: no response token (every label is -100); nothing to probe.")
 
     @classmethod
     def from_tensors(
         cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
         prompts: Sequence[str] | None = None, batch_size: int = 8,
-    ) -> SafetyProbe:
+    ) -> ProbeSet:
         """A probe from tensors tokenised by the user ((N, T) each, labels -100 outside responses).
 
         Right padding is safest: with left padding, models that number positions by column see
@@ -98,8 +103,9 @@ class SafetyProbe:
     @classmethod
     def from_pairs(
         cls, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_length: int = 256, batch_size: int = 8,
-    ) -> SafetyProbe:
-        """A probe from (harmful prompt, refusal) pairs.
+    ) -> ProbeSet:
+        """A probe from (prompt, response) pairs: (harmful prompt, refusal) for a
+        :class:`SafetyProbe`, (task prompt, task answer) for a :class:`UtilityProbe`.
 
         With a chat template: user turn = prompt, assistant turn = refusal (the template's end of turn
         included in the loss). Without one: ``prompt + "\\n"`` then ``refusal + eos`` (warned).
@@ -110,10 +116,10 @@ class SafetyProbe:
         """
         pairs = list(pairs)
         if not pairs:
-            raise ValueError("SafetyProbe.from_pairs: pairs is empty; pass [(harmful prompt, refusal), ...].")
+            raise ValueError(f"{cls.__name__}.from_pairs: pairs is empty; pass [(prompt, {cls.response_name}), ...].")
         for pair in pairs:
             if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(text, str) for text in pair):
-                raise ValueError(f"SafetyProbe.from_pairs: expected (prompt, refusal) strings, got {pair!r}.")
+                raise ValueError(f"{cls.__name__}.from_pairs: expected (prompt, {cls.response_name}) strings, got {pair!r}.")
         if getattr(tokenizer, "chat_template", None):
             examples = render_chat_examples(tokenizer, pairs, max_length)
         else:
@@ -123,6 +129,31 @@ class SafetyProbe:
         batch = pad_batch(examples, 0 if pad_id is None else pad_id)
         return cls(batch["input_ids"], batch["attention_mask"], batch["labels"],
                    tuple(prompt for prompt, _ in pairs), batch_size)
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, collate_fn: Any, n: int = 32, *, seed: int = 0, batch_size: int = 8,
+    ) -> ProbeSet:
+        """A probe of ``n`` examples of a map-style dataset (a seeded sample, local RNG), tokenised by
+        ``collate_fn`` (e.g. the Trainer's data collator) into ``input_ids``, ``attention_mask``,
+        ``labels``. Fewer than ``n`` rows: all of them.
+
+        Raises:
+            ValueError: the dataset has no length / is empty, or the collated batch lacks labels.
+        """
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise ValueError(f"{cls.__name__}.from_dataset: needs a non-empty map-style dataset (with a length).")
+        rows = sorted(random.Random(seed).sample(range(len(dataset)), min(n, len(dataset))))
+        batch = collate_fn([dataset[row] for row in rows])
+        missing = [key for key in ("input_ids", "labels") if key not in batch]
+        if missing:
+            raise ValueError(
+                f"{cls.__name__}.from_dataset: the collated batch has no {missing}; use a collator that returns "
+                "input_ids and labels (-100 outside the responses), e.g. DataCollatorForSeq2Seq."
+            )
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+        return cls.from_tensors(batch["input_ids"], mask, batch["labels"], batch_size=batch_size)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -144,7 +175,7 @@ class SafetyProbe:
 
     def __repr__(self) -> str:
         source = "user tensors" if self.prompts is None else f"first prompt {self.prompts[0][:40]!r}"
-        return f"SafetyProbe({len(self)} examples, {self.response_tokens} response tokens, {source})"
+        return f"{type(self).__name__}({len(self)} examples, {self.response_tokens} response tokens, {source})"
 
     def check_disjoint(self, evaluation_prompts: Sequence[str]) -> None:
         """Raise ``ValueError`` if a probe prompt is also an evaluation prompt (spec 3b).
@@ -158,6 +189,14 @@ class SafetyProbe:
 
     def attribute(self, model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
         """``probe[l]`` for every LoRA layer of ``adapter_name``: module name -> float (spec 3b).
+
+        ``run(model, adapter_name).layers``; see :meth:`run`.
+        """
+        return self.run(model, adapter_name).layers
+
+    def run(self, model: nn.Module, adapter_name: str | None = None) -> ProbeAttribution:
+        """One forward/backward pass over the probe set: its mean loss, ``probe[l]`` and every
+        layer's r x r interaction ``M`` (spec 3b, 3c).
 
         Names are those of :func:`~splora_callback.layers.lora_updates_from_model`. The model's
         training modes, ``requires_grad`` flags, ``.grad`` fields and the global torch/CUDA RNG
@@ -190,7 +229,32 @@ class SafetyProbe:
                 f"Probe slices covered {part.tokens} response tokens, the probe has {self.response_tokens}: "
                 "under torch.distributed every rank must call attribute() with the same probe."
             )
-        return {name: float(value) for name, value in zip(layers, part.sums.tolist(), strict=True)}
+        return ProbeAttribution(
+            loss=part.loss,
+            layers={name: float(value) for name, value in zip(layers, part.sums.tolist(), strict=True)},
+            interactions=dict(zip(layers, part.interactions, strict=True)),
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class SafetyProbe(ProbeSet):
+    """Harmful prompts with refusal responses: ``L`` = the refusal loss (spec 3b).
+
+    ``probe[l] > 0`` (and a component's ``a_i > 0``): removing that update lowers the refusal loss,
+    i.e. it is suspect.
+    """
+
+    response_name: ClassVar[str] = "refusal"
+
+
+@dataclass(frozen=True, repr=False)
+class UtilityProbe(ProbeSet):
+    """Task prompts with the task's answers: ``L`` = the task loss (spec 3c).
+
+    Its raw attributions have the safety probe's sign convention; the scores report them turned,
+    ``utility = -attribution``, so that ``utility > 0`` means removing the update raises the task
+    loss (a component the fine-tune learned for the task).
+    """
 
 
 class SliceAttribution(NamedTuple):
@@ -201,10 +265,32 @@ class SliceAttribution(NamedTuple):
             divided by the normalizer: with the probe's total token count, the slices' sums add up
             to ``probe[l]`` (each rank's share is weighted by its number of response tokens).
         tokens: number of response tokens in the slice.
+        interactions: per layer, the (r, r) float64 ``M = sum_t g_t y_t^T`` (``g_t = d loss / dy_t``
+            at the ``lora_A`` output ``y_t``), same normalizer: ``tr(M)`` is the layer's sum, and
+            :func:`~splora_callback.components.component_attribution` splits it over the update's
+            rank-one components (spec 3c).
+        loss: the slice's summed token loss divided by the normalizer (the probe's mean loss when
+            the normalizer is the probe's token count).
     """
 
     sums: torch.Tensor
     tokens: int
+    interactions: list[torch.Tensor]
+    loss: float
+
+
+class ProbeAttribution(NamedTuple):
+    """One probe pass over a model: the loss and its attribution to every LoRA layer.
+
+    Attributes:
+        loss: mean token loss of the probe's responses (nats).
+        layers: module name -> ``tr(M)`` (spec 3b; the probe's ``attribute()``).
+        interactions: module name -> (r, r) float64 ``M`` (spec 3c).
+    """
+
+    loss: float
+    layers: dict[str, float]
+    interactions: dict[str, torch.Tensor]
 
 
 def lora_down_projections(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:
@@ -254,7 +340,8 @@ def attribute_slice(
     """
     modules = list(layers.values())
     sums = torch.zeros(len(modules), dtype=torch.float64)
-    tokens = 0
+    interactions = [torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for m in modules]
+    tokens, total_loss = 0, 0.0
     if normalizer is None:
         normalizer = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
     lengths = _lengths(attention_mask)
@@ -288,8 +375,12 @@ def attribute_slice(
         for (index, output), grad in zip(captured, grads, strict=True):
             if grad is not None:  # float64: a sum of many small products
                 sums[index] += torch.sum(grad.double() * output.detach().double()).cpu()
+                rank = output.shape[-1]
+                interactions[index] += (grad.double().reshape(-1, rank).T @ output.detach().double().reshape(-1, rank)).cpu()
         tokens += count
-    return SliceAttribution(sums, tokens)
+        total_loss += float(loss.detach())
+    return SliceAttribution(sums, tokens, interactions, total_loss)
+
 
 
 @contextlib.contextmanager
@@ -447,12 +538,21 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _all_reduce(part: SliceAttribution, device: torch.device) -> SliceAttribution:
-    """Sum the per-layer shares and token counts over ranks: one (layers + 1,) float64 all-reduce.
+    """Sum the per-layer shares, r x r interactions, loss and token count over ranks: one float64
+    all-reduce of (layers + sum r^2 + 2,) numbers.
 
     No gradient is communicated. NCCL needs the tensor on the GPU; gloo takes CPU tensors.
     """
     on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    packed = torch.cat([part.sums, torch.tensor([part.tokens], dtype=torch.float64)]).to(on)
+    flat = [matrix.reshape(-1) for matrix in part.interactions]
+    scalars = torch.tensor([part.loss, part.tokens], dtype=torch.float64)
+    packed = torch.cat([part.sums, *flat, scalars]).to(on)
     torch.distributed.all_reduce(packed)
     packed = packed.cpu()
-    return SliceAttribution(packed[:-1], int(packed[-1]))
+    layers = part.sums.numel()
+    sums, rest = packed[:layers], packed[layers:]
+    interactions = []
+    for matrix in part.interactions:
+        interactions.append(rest[: matrix.numel()].reshape(matrix.shape).clone())
+        rest = rest[matrix.numel():]
+    return SliceAttribution(sums, int(rest[1]), interactions, float(rest[0]))

@@ -11,20 +11,35 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from torch import nn
 
-from ._io import atomic_directory
+from ._io import atomic_directory, check_output_path
 from .alignment import AlignmentSubspace
-from .layers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, resolve_adapter_name, unwrap_peft
+from .components import ComponentBasis, component_basis, kept_alpha, kept_factors
+from .layers import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    adapter_scaling,
+    check_layer_names,
+    check_not_everything,
+    checked_layer_names,
+    model_input_paths,
+    resolve_adapter_name,
+    saved_layer_names,
+    unwrap_peft,
+)
 from .metrics import safe_lora_projection
 
 logger = logging.getLogger(__name__)
@@ -40,12 +55,17 @@ class ActionReport:
         action: ``"prune"``, ``"project"`` or ``"none"``.
         layers: module names acted on, in selection order.
         parameters_removed: LoRA parameters removed (prune) or 0.
+        components: component pruning only: module name -> the rank-one components removed
+            (indices in the update's SVD order).
+        kept_rank: component pruning only: module name -> rank left (0: the layer was pruned).
     """
 
     action: str
     layers: list[str] = field(default_factory=list)
     adapter_name: str = "default"
     parameters_removed: int = 0
+    components: dict[str, list[int]] = field(default_factory=dict)
+    kept_rank: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +96,7 @@ def prune_layers(model: nn.Module, names: Sequence[str], adapter_name: str | Non
     Prune after training, not in the middle: the optimizer still holds the removed parameters.
     """
     adapter = resolve_adapter_name(model, adapter_name)
+    names = checked_layer_names(model, names, adapter, prune=True)  # typos, one string, every layer
     root = unwrap_peft(model)
     removed = 0
     for name in names:
@@ -89,6 +110,103 @@ def prune_layers(model: nn.Module, names: Sequence[str], adapter_name: str | Non
     config = model.peft_config[adapter]
     config.exclude_modules = excluded(config.exclude_modules, list(names))
     return ActionReport("prune", list(names), adapter, removed)
+
+
+@torch.no_grad()
+def prune_components(
+    model: nn.Module, chosen: Mapping[str, Sequence[int]], adapter_name: str | None = None
+) -> ActionReport:
+    """Remove the chosen rank-one components of each module's update from the live model (spec 3c).
+
+    Each touched module gets new factors of rank r' holding exactly its kept components (those
+    with a non-negligible singular value that were not chosen) at the same scaling; the adapter
+    config's ``rank_pattern`` / ``alpha_pattern`` get the module's r' and alpha' (rsLoRA
+    included), so ``save_pretrained`` + ``PeftModel.from_pretrained`` rebuild the same weights. A
+    module with no component left is pruned as a layer (:func:`prune_layers`).
+    """
+    adapter = resolve_adapter_name(model, adapter_name)
+    config = model.peft_config[adapter]
+    report = ActionReport("prune", list(chosen), adapter)
+    emptied = []
+    for name, indices in chosen.items():
+        layer = _lora_layer(model, name, adapter)
+        down, up = layer.lora_A[adapter], layer.lora_B[adapter]
+        scaling = float(layer.scaling[adapter])
+        keep = kept_components(component_basis(down.weight, up.weight, scaling), indices, name)
+        report.components[name] = sorted(indices)
+        report.kept_rank[name] = len(keep.indices)
+        if not keep.indices:
+            emptied.append(name)
+            continue
+        rank, rslora = len(keep.indices), bool(layer.use_rslora.get(adapter, config.use_rslora))
+        alpha = kept_alpha(scaling, rank, rslora)
+        # checked before the module changes: a pattern that would shadow it raises here
+        config.rank_pattern, config.alpha_pattern = _with_pattern(config.rank_pattern, config.alpha_pattern, name, rank, alpha)
+        new_down, new_up = kept_factors(keep.basis, keep.indices, scaling)
+        report.parameters_removed += down.weight.numel() + up.weight.numel() - new_down.numel() - new_up.numel()
+        layer.lora_A[adapter] = _linear_like(down, new_down)
+        layer.lora_B[adapter] = _linear_like(up, new_up)
+        layer.r[adapter], layer.lora_alpha[adapter] = rank, alpha
+        layer.scaling[adapter] = alpha / math.sqrt(rank) if rslora else alpha / rank  # PEFT's formula, as on reload
+    if emptied:
+        report.parameters_removed += prune_layers(model, emptied, adapter).parameters_removed
+    return report
+
+
+class _Kept(NamedTuple):
+    basis: ComponentBasis
+    indices: list[int]
+
+
+def kept_components(basis: ComponentBasis, removed: Sequence[int], name: str) -> _Kept:
+    """The components of ``basis`` left after removing ``removed``: those carrying an update.
+
+    Raises:
+        ValueError: an index is not a component of this update (out of range, repeated, or a
+            component without an update: selections never contain those).
+    """
+    removed = list(removed)
+    carries = basis.carries_update().tolist()
+    bad = [index for index in removed if not isinstance(index, int) or not 0 <= index < len(basis) or not carries[index]]
+    if bad or len(set(removed)) != len(removed):
+        raise ValueError(
+            f"{name}: component indices {removed} must be distinct indices of components with an update "
+            f"(0..{len(basis) - 1}, SVD order); rescore the adapter if its weights changed since selection."
+        )
+    return _Kept(basis, [index for index in range(len(basis)) if carries[index] and index not in removed])
+
+
+def _linear_like(module: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight`` (out, in) with ``module``'s dtype, device and grad flag."""
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=False, device=module.weight.device, dtype=module.weight.dtype)
+    new.weight.copy_(weight)
+    new.weight.requires_grad_(module.weight.requires_grad)
+    return new
+
+
+def _with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: str, rank: int, alpha: float) -> tuple[dict, dict]:
+    """``rank_pattern`` / ``alpha_pattern`` with an exact-name entry for module ``name``.
+
+    PEFT matches pattern keys as regular expressions and takes the first match in key order, and
+    writes ``adapter_config.json`` with sorted keys: the key ``(?:<escaped name>)`` sorts before
+    names and the usual patterns. Checked: if another key would still win, refuse.
+
+    Raises:
+        ValueError: a pattern of the adapter's config would shadow the entry when PEFT reloads it.
+    """
+    key = f"(?:{re.escape(name)})"
+    ranks = {**(rank_pattern or {}), key: rank}
+    alphas = {**(alpha_pattern or {}), key: alpha}
+    for pattern, label in ((ranks, "rank_pattern"), (alphas, "alpha_pattern")):
+        winner = get_pattern_key(sorted(pattern), name)
+        if winner != key:
+            raise ValueError(
+                f"{name}: the adapter config's {label} key {winner!r} would override the pruned module's "
+                f"rank on reload (PEFT takes the first matching key in sorted order); rename that pattern "
+                "so it sorts after '(?:' or prune whole layers instead."
+            )
+    return ranks, alphas
 
 
 @torch.no_grad()
@@ -131,12 +249,57 @@ def apply_action(
 
     ``action`` is a name in :data:`ACTIONS` or a callable with the same signature.
     """
+    if isinstance(chosen, Mapping):  # rank-one components (spec 3c)
+        if action == "prune":
+            report = prune_components(model, chosen, adapter_name)
+            logger.info("SPLoRA prune: %d component(s) in %d layer(s)", sum(map(len, chosen.values())), len(chosen))
+            return report
+        if action == "none":
+            return ActionReport("none", list(chosen), resolve_adapter_name(model, adapter_name),
+                                components={name: sorted(indices) for name, indices in chosen.items()})
+        raise ValueError(f"action={action!r} acts on layers; a component selection supports 'prune' and 'none'.")
     function = ACTIONS.get(action) if isinstance(action, str) else action
     if function is None:
         raise ValueError(f"action={action!r}; expected one of {sorted(ACTIONS)} or a callable.")
+    chosen = checked_layer_names(model, chosen, adapter_name)  # one string, unknown names: say so
     report = function(model, alignment, list(chosen), adapter_name=adapter_name)
     logger.info("SPLoRA %s: %d layer(s) %s", report.action, len(report.layers), report.layers[:8])
     return report
+
+
+def acted_adapter(
+    state_dict: dict[str, torch.Tensor], config: dict, chosen: Sequence[str] | Mapping[str, Sequence[int]],
+    action: Action, alignment: AlignmentSubspace | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A saved adapter's tensors and config (as a dict) after ``action`` on ``chosen``, layers or
+    components (keys ``base_model.model.<name>.…``)."""
+    if not isinstance(chosen, Mapping):
+        return acted_state_dict(state_dict, chosen, action, alignment), acted_config(config, chosen, action)
+    if action == "none":
+        return dict(state_dict), copy.deepcopy(config)
+    if action != "prune":
+        raise ValueError(f"action={action!r} acts on layers; a component selection supports 'prune' and 'none'.")
+    tensors, config = dict(state_dict), copy.deepcopy(config)
+    emptied = []
+    for name, indices in chosen.items():
+        key_a, key_b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+        if key_a not in tensors or key_b not in tensors:
+            raise KeyError(f"The adapter has no weights for {name}.")
+        scaling = adapter_scaling(config, name)
+        keep = kept_components(component_basis(tensors[key_a], tensors[key_b], scaling), indices, name)
+        if not keep.indices:
+            emptied.append(name)
+            continue
+        new_down, new_up = kept_factors(keep.basis, keep.indices, scaling)
+        tensors[key_a], tensors[key_b] = new_down.to(tensors[key_a].dtype), new_up.to(tensors[key_b].dtype)
+        rank = len(keep.indices)
+        alpha = kept_alpha(scaling, rank, bool(config.get("use_rslora")))
+        config["rank_pattern"], config["alpha_pattern"] = _with_pattern(
+            config.get("rank_pattern"), config.get("alpha_pattern"), name, rank, alpha)
+    if emptied:
+        tensors = acted_state_dict(tensors, emptied, "prune")
+        config = acted_config(config, emptied, "prune")
+    return tensors, config
 
 
 def acted_state_dict(
@@ -146,6 +309,9 @@ def acted_state_dict(
     alignment: AlignmentSubspace | None = None,
 ) -> dict[str, torch.Tensor]:
     """A saved adapter's tensors after ``action`` on ``chosen`` (keys ``base_model.model.<name>.…``)."""
+    chosen = check_layer_names(chosen, saved_layer_names(state_dict))
+    if action == "prune":  # an adapter without any LoRA module cannot be loaded
+        check_not_everything(chosen, saved_layer_names(state_dict))
     prefixes = {name: f"{PEFT_PREFIX}{name}." for name in chosen}
     present = {name for name, prefix in prefixes.items() if any(key.startswith(prefix) for key in state_dict)}
     missing = set(chosen) - present
@@ -200,11 +366,7 @@ def save_acted_adapter(
     from peft import get_peft_model_state_dict
 
     adapter = resolve_adapter_name(model, adapter_name)
+    check_output_path(output_dir, model_input_paths(model, adapter, alignment))  # never onto an input
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter)
     config = model.peft_config[adapter].to_dict()
-    write_adapter(
-        output_dir,
-        acted_state_dict(state_dict, chosen, action, alignment),
-        acted_config(config, chosen, action),
-        overwrite=overwrite,
-    )
+    write_adapter(output_dir, *acted_adapter(state_dict, config, chosen, action, alignment), overwrite=overwrite)

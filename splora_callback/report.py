@@ -26,7 +26,7 @@ REPORT_FORMAT = "splora-report-v1"
 DEFAULT_OVER_THRESHOLD = 2.0
 PACKAGES = ("splora-callback", "torch", "transformers", "peft", "accelerate", "trl", "wandb", "matplotlib")
 TABLE_COLUMNS = ["layer", "kind", "status", "ediem", "cosine", "signed_alignment", "relative_distance",
-                 "update_norm", "probe", "pruned"]
+                 "update_norm", "probe", "utility", "rank", "kept_rank", "pruned"]
 
 
 def library_versions() -> dict[str, str]:
@@ -135,13 +135,50 @@ def write_json_report(directory: str | os.PathLike, report: dict[str, Any]) -> P
     return path
 
 
-def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a report from its JSON file or from the directory holding it."""
+class ReportError(ValueError):
+    """A report file is missing, not JSON, or lacks what the dashboard needs."""
+
+
+# field -> (type, what it is): what the views read from a report
+_REQUIRED = {"status": (str, "a string"), "step": (int, "an integer"), "config": (dict, "an object"),
+             "selected": (list, "a list"), "history": (list, "a list"), "over_threshold": ((int, float), "a number")}
+
+
+def report_path(path: str | os.PathLike) -> Path:
+    """``splora_report.json`` in a folder, or the JSON file itself."""
     path = Path(path)
-    path = path / REPORT_JSON if path.is_dir() else path
-    report = json.loads(path.read_text())
-    if report.get("format") != REPORT_FORMAT:
-        raise ValueError(f"{path} is not a SPLoRA report ({REPORT_FORMAT}).")
+    return path / REPORT_JSON if path.is_dir() else path
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a report from its JSON file or from the directory holding it, checked field by field.
+
+    Raises:
+        FileNotFoundError: no report there.
+        ReportError: not JSON, not a SPLoRA report, or a field missing / of the wrong type (named).
+    """
+    path = report_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: pass the training output_dir holding {REPORT_JSON}, or that file."
+        )
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path} is not valid JSON ({error}).") from error
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ReportError(f"{path} is not a SPLoRA report (a JSON object with format {REPORT_FORMAT!r}).")
+    for key, (kind, what) in _REQUIRED.items():
+        if not isinstance(report.get(key), kind) or isinstance(report.get(key), bool):
+            found = "missing" if key not in report else f"{type(report[key]).__name__} {report[key]!r:.40}"
+            raise ReportError(f"{path}: field {key!r} must be {what}, found {found}; the report is damaged.")
+    for index, entry in enumerate(report["history"]):
+        layers = entry.get("scores", {}).get("layers") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or "step" not in entry or not isinstance(layers, list):
+            raise ReportError(
+                f"{path}: history[{index}] must be an object with 'step' and 'scores' {{'layers': [...]}}; "
+                "the report is damaged."
+            )
     return report
 
 
@@ -156,11 +193,22 @@ def pruned_layers(report: dict[str, Any]) -> list[str]:
     return list(action["layers"]) if action and action["action"] != "none" else []
 
 
-def table_rows(scores: LayerScores, pruned: list[str]) -> list[list[Any]]:
-    """Rows of the final score table, columns :data:`TABLE_COLUMNS`."""
-    marked = set(pruned)
+def table_rows(scores: LayerScores, pruned: list[str], kept_rank: dict[str, int] | None = None) -> list[list[Any]]:
+    """Rows of the final score table, columns :data:`TABLE_COLUMNS`.
+
+    ``kept_rank``: module -> rank left by a component action (the action report's); without it a
+    pruned layer keeps rank 0 and the others their rank. ``pruned``: acted on, wholly or in part.
+    """
+    marked, kept = set(pruned), kept_rank or {}
     return [[s.name, s.kind, s.status, s.ediem, s.cosine, s.signed_alignment, s.relative_distance,
-             s.update_norm, s.probe, s.name in marked] for s in scores]
+             s.update_norm, s.probe, s.utility, s.rank,
+             kept.get(s.name, 0 if s.name in marked and not kept else s.rank), s.name in marked] for s in scores]
+
+
+def kept_ranks(report: dict[str, Any]) -> dict[str, int] | None:
+    """Module -> rank left, from a component action of the report (None for layer actions)."""
+    action = report.get("action") or {}
+    return action.get("kept_rank") or None
 
 
 # --- W&B run summary ---------------------------------------------------------------------------

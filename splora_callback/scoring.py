@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .alignment import AlignmentSubspace
+from .components import RANK_RTOL, component_attribution, component_basis, component_geometry
 from .layers import LoraUpdate, lora_updates_from_model
 from .metrics import ediem_shape_peers, layer_geometry, permutation_distances, robust_zscore, update_norm
+from .probe import ProbeAttribution, SafetyProbe, UtilityProbe
 
 Status = Literal["active", "inactive", "no_alignment"]
 Metric = Literal["ediem", "cosine", "probe"]
@@ -36,7 +38,15 @@ class LayerScore:
         relative_distance: ``||Ct dW - dW|| / ||dW||`` in [0, 1].
         cosine: Safe LoRA's cosine, lower = more suspect.
         signed_alignment: ``<dW, V> / (||dW|| ||V||)``, negative = against alignment (diagnostic).
-        probe: safety-probe attribution (spec 3b), when a probe was run.
+        probe: safety-probe attribution (spec 3b), when a probe was run: > 0 = removing the
+            update lowers the refusal loss (suspect).
+        utility: utility-probe attribution with its sign turned (spec 3c): > 0 = removing the
+            update raises the task loss.
+        components: with ``granularity="component"``, per rank-one component of the update (SVD
+            order, largest first): ``sigma`` (singular values) and, where computed, ``probe``,
+            ``utility`` (same signs as above, summing to the layer's values), ``relative_distance``,
+            ``cosine``, ``signed_alignment`` and ``ediem`` (shape peers: all components of layers
+            of the same weight shape).
     """
 
     name: str
@@ -51,6 +61,8 @@ class LayerScore:
     ediem_scaled: bool | None = None
     signed_alignment: float | None = None
     probe: float | None = None
+    utility: float | None = None
+    components: dict[str, list[float]] | None = None
 
 
 # metric -> suspicion of an active layer (higher = more suspect = selected first)
@@ -60,6 +72,15 @@ SUSPICION: dict[str, Callable[[LayerScore], float]] = {
     "signed": lambda score: -score.signed_alignment,
     "probe": lambda score: score.probe,
 }
+# metric -> (component field, sign): the suspicion of a rank-one component
+COMPONENT_SUSPICION: dict[str, tuple[str, float]] = {
+    "ediem": ("ediem", 1.0),
+    "cosine": ("cosine", -1.0),
+    "signed": ("signed_alignment", -1.0),
+    "probe": ("probe", 1.0),
+}
+GRANULARITIES = ("layer", "component")
+Component = tuple[str, int]  # (module name, component index in SVD order)
 
 
 @dataclass
@@ -70,11 +91,17 @@ class LayerScores:
         metric: which score drives selection (a key of :data:`SUSPICION`).
         null: E-DIEM's null sample set (``"layers"`` or ``"permutation"``).
         layers: module name -> :class:`LayerScore`.
+        granularity: what selection chooses: ``"layer"`` (module names) or ``"component"``
+            (rank-one components; needs the layers' ``components``).
+        losses: the probes' mean losses when run (nats): ``"refusal"`` (safety probe), ``"task"``
+            (utility probe).
     """
 
     metric: str
     null: str
     layers: dict[str, LayerScore] = field(default_factory=dict)
+    granularity: str = "layer"
+    losses: dict[str, float] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LayerScore:
         return self.layers[name]
@@ -95,21 +122,128 @@ class LayerScores:
         key = SUSPICION[self.metric]
         return {score.name: float(key(score)) for score in self.eligible()}
 
+    def component_suspicion(self) -> dict[Component, float]:
+        """Eligible component -> suspicion under ``metric``: components of active layers that carry
+        an update (``sigma`` above :data:`~splora_callback.components.RANK_RTOL` of the largest)."""
+        key, sign = COMPONENT_SUSPICION[self.metric]
+        suspicion = {}
+        for score in self:
+            values = (score.components or {}).get(key)
+            if score.status != "active" or values is None:
+                continue
+            for index in eligible_components(score):
+                suspicion[(score.name, index)] = sign * float(values[index])
+        return suspicion
+
     def with_metric(self, metric: str) -> LayerScores:
         """The same scores, selecting by another metric."""
         if metric not in SUSPICION:
             raise ValueError(f"metric={metric!r}; expected one of {sorted(SUSPICION)}.")
-        return LayerScores(metric, self.null, self.layers)
+        return LayerScores(metric, self.null, self.layers, self.granularity, self.losses)
+
+    def with_granularity(self, granularity: str) -> LayerScores:
+        """The same scores, selecting layers or rank-one components.
+
+        Raises:
+            ValueError: unknown granularity, or ``"component"`` for scores without components.
+        """
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r}; expected one of {', '.join(GRANULARITIES)}.")
+        if granularity == "component" and not any(score.components for score in self):
+            raise ValueError("These scores have no component scores: score with granularity='component'.")
+        return LayerScores(self.metric, self.null, self.layers, granularity, self.losses)
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "null": self.null, "layers": [asdict(score) for score in self]}
+        return {"metric": self.metric, "null": self.null, "granularity": self.granularity,
+                "losses": dict(self.losses), "layers": [asdict(score) for score in self]}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerScores:
         layers = {}
         for item in data["layers"]:
             layers[item["name"]] = LayerScore(**{**item, "shape": tuple(item["shape"])})
-        return cls(data["metric"], data["null"], layers)
+        return cls(data["metric"], data["null"], layers, data.get("granularity", "layer"),
+                   dict(data.get("losses", {})))
+
+
+def eligible_components(score: LayerScore) -> list[int]:
+    """Indices of the components of an active layer that carry an update (never selected otherwise)."""
+    sigma = (score.components or {}).get("sigma") or []
+    if score.status != "active" or not sigma or sigma[0] <= 0:
+        return []
+    return [index for index, value in enumerate(sigma) if value > RANK_RTOL * sigma[0]]
+
+
+def component_fields(
+    update: LoraUpdate, alignment: AlignmentSubspace | None, safety: torch.Tensor | None,
+    utility: torch.Tensor | None,
+) -> dict[str, list[float]]:
+    """Per-component scores of one active update (spec 3c), all but E-DIEM (which needs peers).
+
+    Args:
+        safety, utility: the layer's (r, r) interaction ``M`` from the safety / utility probe pass.
+    """
+    basis = component_basis(update.lora_A, update.lora_B, update.scaling)
+    fields = {"sigma": basis.sigma.tolist()}
+    if safety is not None:
+        fields["probe"] = component_attribution(basis, safety).tolist()
+    if utility is not None:
+        fields["utility"] = (-component_attribution(basis, utility)).tolist()
+    if alignment is not None and update.name in alignment and alignment.has_signal(update.name):
+        geometry = component_geometry(
+            alignment.directions[update.name], basis,
+            alignment_spectral_norm=alignment.spectral_norms[update.name],
+            alignment_frobenius_norm=alignment.frobenius_norms[update.name],
+        )
+        fields["relative_distance"] = geometry.relative_distance.tolist()
+        fields["cosine"] = geometry.cosine.tolist()
+        fields["signed_alignment"] = geometry.signed_alignment.tolist()
+    return fields
+
+
+def add_component_ediem(scores: LayerScores) -> None:
+    """E-DIEM of every component against all components of the layers of the same weight shape."""
+    distances, shapes = {}, {}
+    for score in scores:
+        values = (score.components or {}).get("relative_distance")
+        if values is None:
+            continue
+        for index in eligible_components(score):
+            distances[(score.name, index)] = values[index]
+            shapes[(score.name, index)] = score.shape
+    for score in scores:
+        if (score.components or {}).get("relative_distance") is not None:
+            score.components["ediem"] = [None] * len(score.components["sigma"])
+    for (name, index), robust in ediem_shape_peers(distances, shapes).items():
+        scores.layers[name].components["ediem"][index] = robust.value
+
+
+def attach_probes(scores: LayerScores, safety: ProbeAttribution | None, utility: ProbeAttribution | None) -> None:
+    """Put the probes' losses and per-layer attributions into ``scores`` (active layers)."""
+    if safety is not None:
+        scores.losses["refusal"] = safety.loss
+    if utility is not None:
+        scores.losses["task"] = utility.loss
+    for score in scores:
+        if score.status != "active":
+            continue
+        if safety is not None:
+            score.probe = safety.layers[score.name]
+        if utility is not None:
+            score.utility = -utility.layers[score.name]
+
+
+def attach_components(
+    scores: LayerScores, updates: Sequence[LoraUpdate], alignment: AlignmentSubspace | None,
+    safety: ProbeAttribution | None, utility: ProbeAttribution | None,
+) -> None:
+    """Per-component scores (:func:`component_fields`) of the active layers among ``updates``."""
+    for update in updates:
+        if scores.layers[update.name].status == "active":
+            scores.layers[update.name].components = component_fields(
+                update, alignment, None if safety is None else safety.interactions[update.name],
+                None if utility is None else utility.interactions[update.name],
+            )
 
 
 @torch.no_grad()
@@ -171,6 +305,7 @@ def score_updates(
                 direction, update.lora_A, update.lora_B, update.scaling,
                 permutations=permutations, seed=layer_seed, **norms,
             )
+        del direction  # a streamed V (memory.py) is this module's own copy: free it before the next one
     if null == "layers":
         ediem = ediem_shape_peers(distances, shapes)
     else:
@@ -190,7 +325,9 @@ def score_layers(
     permutations: int = 16,
     seed: int = 0,
     adapter_name: str | None = None,
-    probe: object | None = None,
+    probe: SafetyProbe | None = None,
+    utility: UtilityProbe | None = None,
+    granularity: str = "layer",
 ) -> LayerScores:
     """Score every LoRA layer of ``model`` (a ``PeftModel`` or a model with LoRA layers).
 
@@ -203,20 +340,37 @@ def score_layers(
             ``"permutation"`` (``permutations`` row permutations of B per layer, seeded).
         adapter_name: the adapter to score; default: the single active one.
         probe: a :class:`~splora_callback.probe.SafetyProbe`; required for ``metric="probe"``.
+        utility: a :class:`~splora_callback.probe.UtilityProbe` (task examples): fills ``utility``
+            and ``losses["task"]``, which ``select="budget"`` needs.
+        granularity: ``"component"`` also scores every rank-one component of every active update
+            (spec 3c; r x r work per layer plus, with an alignment, two (m, n)-by-(n, r) products),
+            and selection then chooses components.
 
     Raises:
         NoLoraLayersError, UnsupportedAdapterError: see :mod:`splora_callback.layers`.
-        ValueError: unknown metric/null, NaN/inf LoRA weights, shape mismatch.
+        ValueError: unknown metric/null/granularity, NaN/inf LoRA weights, shape mismatch.
     """
+    check_scoring_options(metric, alignment, probe, granularity)
+    updates = lora_updates_from_model(model, adapter_name)
+    scores = score_updates(updates, alignment, metric, null=null, permutations=permutations, seed=seed)
+    scores.granularity = granularity
+    safety = None if probe is None else probe.run(model, adapter_name=adapter_name)
+    task = None if utility is None else utility.run(model, adapter_name=adapter_name)
+    attach_probes(scores, safety, task)
+    if granularity == "component":
+        attach_components(scores, updates, alignment, safety, task)
+        if alignment is not None:
+            add_component_ediem(scores)
+    return scores
+
+
+def check_scoring_options(
+    metric: str, alignment: AlignmentSubspace | None, probe: object | None, granularity: str
+) -> None:
+    """Raise ``ValueError`` for a combination :func:`score_layers` cannot score, naming the fix."""
     if metric == "probe" and probe is None:
         raise ValueError("metric='probe' needs probe=SafetyProbe(...) (see splora_callback.probe).")
     if alignment is None and metric != "probe":
         raise ValueError(f"metric={metric!r} needs an alignment subspace (AlignmentSubspace.from_pretrained).")
-    updates = lora_updates_from_model(model, adapter_name)
-    scores = score_updates(updates, alignment, metric, null=null, permutations=permutations, seed=seed)
-    if probe is not None:
-        attributions = probe.attribute(model, adapter_name=adapter_name)
-        for name, value in attributions.items():
-            if scores.layers[name].status == "active":
-                scores.layers[name].probe = value
-    return scores
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; expected one of {', '.join(GRANULARITIES)}.")

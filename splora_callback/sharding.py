@@ -25,6 +25,7 @@ from .layers import (
     PEFT_PREFIX,
     LoraUpdate,
     NoLoraLayersError,
+    check_no_unscored_layers,
     check_supported,
     resolve_adapter_name,
     unwrap_peft,
@@ -225,6 +226,7 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> tuple[str,
     root = unwrap_parallel(model)
     inner = peft_inner(root)
     adapter = resolve_adapter_name(inner, adapter_name)
+    check_no_unscored_layers(inner, adapter)  # LoRA on embeddings: refused, never skipped silently
     if inner is root:  # no FSDP v1 root: PEFT's own unwrapping gives the checkpoint names
         named, prefix = unwrap_peft(root).named_modules(), ""
     else:  # FSDP v1: walk the wrapped tree (the units live there), strip wrapper names and PEFT's prefix

@@ -34,9 +34,23 @@ SMOKE = {
          "--threads", "1"],
         ["tokens/s", "LoRA pruned to 60/120 modules (unmerged)", "Pruned / unmerged speed ratio"],
     ),
+    "component_cost.py": (
+        ["--pairs", "2", "--seq", "16", "--repeats", "1", "--blocks", "1", "--width", "128", "--ranks", "4",
+         "--threads", "1"],
+        ["safety + utility attribution, components (2 + 2 pairs)", "Attribution cost:", "components removed"],
+    ),
     "probe_cost.py": (
         ["--pairs", "2", "--batch", "2", "--seq", "16", "--repeats", "1", "--no-probe-warmup", "--threads", "1"],
         ["probe, logits at response positions (default)", "Probe cost:"],
+    ),
+    "scoring_memory.py": (
+        ["--models", "gqa-8b", "--layers", "1", "--ranks", "8", "--v-pool", "1", "--repeats", "1", "--threads", "1"],
+        ["V on the device, stream (peak)", "Targets (at most one module's V", "est. GPU transfer s/call"],
+    ),
+    "safety_signal_cost.py": (
+        ["--pairs", "2", "--prompts", "2", "--new-tokens", "2", "--batch", "2", "--seq", "16", "--repeats", "1",
+         "--threads", "1"],
+        ["aligned reference: probe loss, adapter off", "refusal rate: 2 prompts x 2 new tokens", "x training step"],
     ),
 }
 

@@ -349,14 +349,31 @@ def _parallel_attribution(engine: str) -> dict:
         return grads
 
     before = training_grads()
+    # first: its gathers come before its own probe passes (a ZeRO-3 gather right after a probe pass
+    # fails until a training step releases the lora_A weights the pass left gathered)
+    components = _component_choice(wrapped, probe)
     first, second = probe.attribute(wrapped), probe.attribute(wrapped)
     after = training_grads()
     return {
+        "components": components,
         "attribution": first,
         "repeatable": first == second,
         "training_grads_unchanged": before is None or (
             len(before) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))),
     }
+
+
+def _component_choice(model, probe: SafetyProbe) -> dict:
+    """Component scores with both probes (spec 3c) and the budgeted choice: the same on every rank."""
+    from splora_callback.distributed import score_layers_distributed
+    from splora_callback.probe import UtilityProbe
+
+    utility = UtilityProbe.from_tensors(probe.input_ids.flip(0), probe.attention_mask.flip(0), probe.labels.flip(0),
+                                        batch_size=probe.batch_size)
+    scores = score_layers_distributed(model, None, "probe", probe=probe, utility=utility, granularity="component")
+    return {"probe": {s.name: s.components["probe"] for s in scores},
+            "utility": {s.name: s.components["utility"] for s in scores},
+            "chosen": select_layers(scores, "budget", budget=0.5)}
 
 
 @pytest.mark.slow
@@ -379,10 +396,16 @@ def test_two_processes_ddp_fsdp_zero3_equal_single_process(tmp_path):
                 process.kill()
             pytest.fail(f"the two gloo workers did not finish in {3 * DDP_TIMEOUT_S} s")
     single = random_probe(seed=8, n=5).attribute(llama_model(seed=8).float())
+    single_components = _component_choice(llama_model(seed=8).float(), random_probe(seed=8, n=5))
     for engine in engines:
         ranks = [json.loads((tmp_path / f"{engine}-rank{rank}.json").read_text()) for rank in range(2)]
         assert ranks[0]["attribution"] == ranks[1]["attribution"], engine  # the same selection everywhere
         assert ranks[0]["attribution"] == pytest.approx(single, rel=SHARDED_RTOL), engine
+        assert ranks[0]["components"] == ranks[1]["components"], engine  # same component scores and choice
+        assert ranks[0]["components"]["chosen"], engine
+        for kind in ("probe", "utility"):
+            for name, values in single_components[kind].items():
+                assert ranks[0]["components"][kind][name] == pytest.approx(values, rel=1e-3, abs=1e-7), (engine, name)
         assert all(r["repeatable"] and r["training_grads_unchanged"] for r in ranks), (engine, ranks)
 
 

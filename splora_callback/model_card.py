@@ -1,0 +1,219 @@
+"""Model cards for every adapter the library writes, and pushing one to the Hugging Face Hub.
+
+A card says what a user needs before shipping a repaired adapter: the aligned model it applies to,
+the unaligned base the alignment subspace came from, the selection rule, what was pruned or
+projected, the predicted and measured effect, and where the report is. It is written as
+``README.md`` in the adapter's folder, between ``<!-- splora:begin -->`` / ``<!-- splora:end -->``
+markers: a card already there (a trainer's, a user's) keeps its text and metadata below ours, and
+PEFT's ``save_pretrained``, which updates an existing ``README.md`` in place, keeps ours.
+
+Metadata (YAML front matter, the Hub's conventions): ``base_model`` = the aligned model (the model
+the adapter is applied to), ``library_name: peft``, tags ``splora``, ``lora``, ``safety``.
+
+Pushing: :func:`push_adapter_to_hub` uploads the folder (adapter, card, report). PEFT's own
+``model.push_to_hub(repo)`` (transformers' ``PushToHubMixin``) writes the card *already in the Hub
+repository* (or a blank template) over ``README.md``: push with :func:`push_adapter_to_hub` first, or after.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+from ._io import atomic_write_text
+
+logger = logging.get_logger(__name__)
+
+CARD = "README.md"
+BEGIN, END = "<!-- splora:begin -->", "<!-- splora:end -->"
+TAGS = ["splora", "lora", "safety"]
+# what push_adapter_to_hub uploads from a folder (a Trainer's output_dir also holds checkpoints and logs)
+UPLOAD_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", CARD,
+                   "splora_report.json", "splora_report.html", "tokenizer*", "special_tokens_map.json",
+                   "chat_template.*"]
+
+
+@dataclass
+class CardFacts:
+    """What a card states. ``measured``: signal -> {"before", "after", "aligned"} (nats or rate)."""
+
+    aligned: str | None
+    base: str | None
+    rule: str
+    action: str
+    acted: list[str] = field(default_factory=list)
+    total_layers: int | None = None
+    parameters_removed: int | None = None
+    components: dict[str, list[int]] | None = None
+    predicted: dict[str, float] | None = None
+    measured: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    report: str | None = None
+    made_by: str = "splora-callback"
+    notes: list[str] = field(default_factory=list)
+
+
+def rule_text(config: dict[str, Any]) -> str:
+    """``metric ediem, top_k (k=10), granularity layer`` from a config dict."""
+    select = config.get("select")
+    detail = {"top_k": f"k={config.get('k')}", "fraction": f"fraction={config.get('fraction')}",
+              "threshold": f"threshold={config.get('threshold')}",
+              "budget": f"budget={config.get('budget')}"}.get(select, "")
+    return (f"metric `{config.get('metric')}`, `{select}`" + (f" ({detail})" if detail else "")
+            + f", granularity `{config.get('granularity', 'layer')}`")
+
+
+def facts_from_report(report: dict[str, Any], report_link: str | None) -> CardFacts:
+    """The card of a training run's report (the callback's end of training, or a checkpoint)."""
+    from .headline import safety_summary
+
+    config = report.get("config", {})
+    action = report.get("action") or {}
+    layers = report["history"][-1]["scores"]["layers"] if report.get("history") else []
+    summary = safety_summary(report)
+    measured: dict[str, dict[str, float | None]] = {}
+    if "refusal_loss" in summary:
+        measured["refusal loss on the safety probe (nats; lower = refuses more readily)"] = {
+            "before": summary["refusal_loss"]["last"][1], "after": summary["after_action"].get("refusal_loss"),
+            "aligned": summary["aligned_refusal_loss"]}
+    if "refusal_rate" in summary:
+        measured["refusal rate on held-out prompts (greedy)"] = {
+            "before": summary["refusal_rate"]["last"][1], "after": summary["after_action"].get("refusal_rate"),
+            "aligned": summary["aligned_refusal_rate"]}
+    repair = report.get("repair") or {}
+    predicted = {key: repair[key] for key in ("predicted_refusal_loss_change", "predicted_task_loss_change")
+                 if isinstance(repair.get(key), (int, float))}
+    acted = list(action.get("layers") or []) if action.get("action") not in (None, "none") else []
+    return CardFacts(
+        aligned=report.get("aligned_model") or config.get("aligned_model"),
+        base=config.get("base_model"), rule=rule_text(config),
+        action=action.get("action", "not applied") if not action.get("refused") else "refused",
+        acted=acted, total_layers=len(layers), parameters_removed=action.get("parameters_removed"),
+        components=action.get("components"), predicted=predicted or None, measured=measured,
+        report=report_link, made_by=f"SPLoRACallback, step {report.get('step')} ({report.get('status')})",
+    )
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def card_block(facts: CardFacts) -> str:
+    """The markdown between the markers."""
+    kinds = Counter(name.rsplit(".", 1)[-1] for name in facts.acted)
+    mix = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
+    verb = {"prune": "removed", "project": "projected onto the alignment subspace (Safe LoRA)"}.get(facts.action)
+    if verb and facts.acted:
+        what = (f"`{facts.action}`: {len(facts.acted)} of {facts.total_layers or '?'} LoRA layers {verb} ({mix})")
+        if facts.components:
+            removed = sum(len(indices) for indices in facts.components.values())
+            what = f"`prune`: {removed} rank-one components of {len(facts.acted)} LoRA layers removed ({mix})"
+        if facts.parameters_removed:
+            what += f"; {facts.parameters_removed:,} LoRA parameters removed"
+    else:
+        what = f"`{facts.action}`: no layer changed (monitoring only)"
+    rows = [("Aligned model (this adapter applies to it)", f"`{facts.aligned}`" if facts.aligned else "-"),
+            ("Unaligned base (alignment subspace V = W_aligned - W_base)", f"`{facts.base}`" if facts.base else "-"),
+            ("Selection rule", facts.rule), ("Action", what)]
+    for signal, values in facts.measured.items():
+        text = f"{_number(values.get('before'))} at the end of training"
+        if values.get("after") is not None:
+            text += f", {_number(values['after'])} after the action"
+        if values.get("aligned") is not None:
+            text += f"; aligned model {_number(values['aligned'])}"
+        rows.append((f"Measured: {signal}", text))
+    if facts.predicted:
+        rows.append(("Predicted (first order, spec 3c)", ", ".join(
+            f"{key.removeprefix('predicted_').replace('_', ' ')} {value:+.3f}" for key, value in facts.predicted.items())))
+    if facts.report:
+        rows.append(("Report", f"[{facts.report}]({facts.report}) (per-layer scores, charts)"))
+    rows.append(("Written by", facts.made_by))
+    table = "\n".join(["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)])
+    parts = [BEGIN, "# LoRA adapter checked with SPLoRA", "",
+             "This LoRA adapter was scored against the alignment of the model it applies to: how far each "
+             "layer's update strays from the directions alignment moved the weights (E-DIEM, Safe LoRA's "
+             "cosine), and, with a safety probe, the refusal loss itself.", "", table, ""]
+    if facts.acted:
+        listed = ", ".join(f"`{name}`" for name in facts.acted[:64])
+        more = f" and {len(facts.acted) - 64} more" if len(facts.acted) > 64 else ""
+        parts += ["## Layers acted on", "", listed + more, ""]
+    aligned = facts.aligned or "ALIGNED_MODEL"
+    parts += ["## Load it", "", "```python", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM", "",
+              f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{aligned}"), "THIS_FOLDER_OR_REPO")',
+              "```", "",
+              "Pruned layers are in `exclude_modules` of `adapter_config.json` (component repairs in "
+              "`rank_pattern` / `alpha_pattern`): PEFT rebuilds exactly the repaired model.", "",
+              "## Limits", "",
+              "On this project's demo, the layers a geometric score (E-DIEM, cosine) picks did no better than a "
+              "random choice of layers of the same module kinds; the probe's refusal loss is measured on its own "
+              "prompts only. Evaluate refusals on held-out prompts before shipping.", *facts.notes, END]
+    return "\n".join(parts)
+
+
+def write_model_card(folder: str | os.PathLike, facts: CardFacts) -> Path:
+    """Write (or update) ``folder/README.md`` with the SPLoRA block; keep any other card content.
+
+    Metadata is merged: ``base_model`` (the aligned model) and ``library_name`` are set when absent,
+    :data:`TAGS` added. A previous SPLoRA block is replaced, never duplicated. Atomic.
+    """
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / CARD
+    existing = ModelCard.load(path) if path.is_file() else None
+    data = existing.data.to_dict() if existing is not None else {}
+    body = existing.text if existing is not None else ""
+    body = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n*", "", body, flags=re.DOTALL).strip()
+    if facts.aligned and not data.get("base_model"):
+        data["base_model"] = facts.aligned
+    data.setdefault("library_name", "peft")
+    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *TAGS]))
+    import yaml
+
+    front = yaml.safe_dump(data, sort_keys=False).strip()
+    text = f"---\n{front}\n---\n\n{card_block(facts)}\n" + (f"\n{body}\n" if body else "")
+    atomic_write_text(path, text)
+    return path
+
+
+def push_adapter_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str = "Upload LoRA adapter checked with SPLoRA") -> str:
+    """Upload an adapter folder (adapter, model card, report, tokenizer files) to a Hub model repo.
+
+    What ``huggingface_hub.HfApi.upload_folder`` does, restricted to :data:`UPLOAD_PATTERNS` (a
+    Trainer's ``output_dir`` also holds checkpoints, logs and ``training_args.bin``). The repo is
+    created if missing. Returns the commit URL.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no adapter (run ``trainer.save_model()`` first) or no card.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    for name, hint in (("adapter_config.json", "run trainer.save_model() (or model.save_pretrained) first"),
+                       (CARD, "the SPLoRA card is written at the end of training and by `splora prune`")):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"push_adapter_to_hub: {folder / name} not found: {hint}.")
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(folder),
+                               allow_patterns=UPLOAD_PATTERNS, commit_message=commit_message, revision=revision)
+    return str(getattr(commit, "commit_url", commit))
+
+
+def facts_from_cli(*, aligned: str, base: str, metric: str, selection: str, action: str, scores: Any,
+                   chosen: list[str], adapter: str, version: str) -> CardFacts:
+    """The card of ``splora prune --output``: the CLI's rule, what it removed, where it came from."""
+    removed = sum((sum(scores[name].shape)) * scores[name].rank for name in chosen) if action == "prune" else None
+    return CardFacts(
+        aligned=aligned, base=base, rule=f"metric `{metric}`, {selection}, granularity `layer`", action=action,
+        acted=list(chosen), total_layers=len(scores), parameters_removed=removed,
+        made_by=f"`splora prune` (splora-callback {version}) from the adapter `{adapter}`",
+        notes=["", "No probe ran here: the card states what was removed, not a measured effect. Score the "
+               "repaired adapter with `splora score` and evaluate refusals before shipping."],
+    )

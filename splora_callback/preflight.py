@@ -1,0 +1,117 @@
+"""What :class:`SPLoRACallback` checks in ``on_train_begin``, so that nothing fails after training.
+
+A failure in ``on_train_end`` comes after the live model was pruned and before the user's
+``trainer.save_model()``: the training would be lost. So everything that can be known before
+step 1 is checked here: the output folder can be written, the acted adapters will not land on an
+input, the selection cannot prune every layer, and a checkpoint saved without the callback can be
+resumed (transformers raises ``KeyError`` at the next save otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ._io import OutputNotWritableError, check_output_path, check_writable
+from .layers import NothingLeftError, check_not_everything, model_input_paths
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The Trainer's ``output_dir`` can be written (created if missing).
+
+    Raises:
+        OutputNotWritableError: names ``output_dir`` and why; raised before step 1.
+    """
+    try:
+        check_writable(output_dir, "TrainingArguments.output_dir", directory=True)
+    except OutputNotWritableError as error:
+        raise OutputNotWritableError(
+            f"SPLoRACallback: {error} The report (and, with save_strategy='no', everything else) is written "
+            "there after training; set output_dir to a folder you can write to."
+        ) from error
+
+
+def check_acted_outputs(output_dir: str, model: nn.Module, adapter: str, config: Any, sharded: bool) -> None:
+    """The acted adapters (``output_dir/splora``, ``checkpoint-N/splora``) never land on an input.
+
+    Raises:
+        UnsafeOutputError: ``output_dir`` is, contains or lies inside the model's checkpoint, the
+            base or the aligned model.
+    """
+    if config.action == "none" or not (config.prune_at_checkpoints or (config.prune_at_end and sharded)):
+        return
+    inputs = model_input_paths(model, adapter)
+    inputs.update({"base model": config.base_model, "aligned model": config.aligned_model,
+                   "alignment cache": config.alignment_cache})
+    check_output_path(Path(output_dir) / "splora", inputs, what="SPLoRA's adapter folder")
+
+
+def selects_every_layer(config: Any, layers: int) -> bool:
+    """True when ``config``'s selection takes every one of ``layers`` judgeable layers."""
+    if config.select == "top_k":
+        return config.k >= layers
+    if config.select == "fraction":
+        return math.floor(config.fraction * layers + 0.5) >= layers
+    return False
+
+
+def check_not_pruning_everything(config: Any, layers: int) -> None:
+    """Refuse a config that would prune every LoRA layer (``k >= layers``, ``fraction`` near 1).
+
+    Raises:
+        NothingLeftError: before step 1, naming the option to change.
+    """
+    acts = config.prune_at_end or config.prune_at_checkpoints
+    if config.action != "prune" or not acts or getattr(config, "granularity", "layer") != "layer":
+        return
+    if selects_every_layer(config, layers):
+        option = f"k={config.k}" if config.select == "top_k" else f"fraction={config.fraction}"
+        raise NothingLeftError(
+            f"SPLoRAConfig.{option} selects all {layers} LoRA layers: pruning them would leave nothing of the "
+            "fine-tune, and PEFT cannot load an adapter without a LoRA module. Select fewer layers, or use "
+            "the aligned model itself."
+        )
+
+
+def resume_without_state(state: Any, callback: Any, restored: bool) -> None:
+    """Give a checkpoint saved without this callback an entry for it, so that the next save works.
+
+    ``Trainer._save_checkpoint`` updates ``state.stateful_callbacks[name]`` of every stateful
+    callback and raises ``KeyError`` when the checkpoint it resumed from had none (leaving that new
+    checkpoint without ``trainer_state.json``). The score history then starts fresh (warned once).
+    """
+    name = type(callback).__name__
+    if state.global_step == 0 or name in state.stateful_callbacks:
+        return
+    state.stateful_callbacks[name] = callback.state()
+    if restored:  # without restore_callback_states_from_checkpoint the callback says so already
+        logger.warning(
+            "SPLoRA: resuming at step %d from a checkpoint saved without %s: its score history starts "
+            "fresh at this step.", state.global_step, name,
+        )
+
+
+def refusal_to_prune_everything(config: Any, selected: Any, scores: Any) -> dict[str, Any] | None:
+    """The action report of a refused prune when ``selected`` is every LoRA layer, else None.
+
+    A threshold can only be judged at the end: then the live model stays as trained (its saved
+    adapter loads), the error is logged and the report records why nothing was pruned.
+
+    Args:
+        scores: the :class:`~splora_callback.scoring.LayerScores` of the selection (or its dict).
+    """
+    if config.action != "prune" or not isinstance(selected, (list, tuple)):
+        return None
+    names = [item["name"] for item in scores["layers"]] if isinstance(scores, dict) else [s.name for s in scores]
+    try:
+        check_not_everything(list(selected), names)
+    except NothingLeftError as error:
+        logger.error("SPLoRA: %s Nothing was pruned; the model is left as trained.", error)
+        return {"action": "none", "layers": [], "refused": str(error), "selected": list(selected)}
+    return None
