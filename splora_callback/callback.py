@@ -155,7 +155,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         self.safety_state: dict[str, Any] = {}  # SafetyChecks' JSON state (restored on resume)
         self.base_model_source = "given" if config.base_model != AUTO else None
         self._safety = SafetyChecks(config)
-        self._trackers: Trackers | None = None
+        self._trackers = Trackers(None, None)  # the report_to backends, opened in on_train_begin (main process)
         self._lora_device = torch.device("cpu")
         self._aligned_model: str | None = config.aligned_model
         self._created = time.time()  # TensorBoardCallback's folder appears after this (trackers.tensorboard_dir)

@@ -50,14 +50,24 @@ def configure_logging(args: Any) -> None:
     loggers, as the Trainer does for transformers'; the end-of-training line (logger
     :data:`CONSOLE_LOGGER`) shows unless that level is ``error`` or ``critical``.
 
-    With no handler anywhere (a plain script), one stderr handler is added, as transformers adds
-    its own; with a root handler (``logging.basicConfig``, pytest) records propagate to it.
+    ``"passive"`` (the default) follows transformers' verbosity when it was changed
+    (``transformers.logging.set_verbosity_info()``), else leaves the level to the application's
+    logging configuration, as before. With no handler anywhere (a plain script), one stderr handler
+    is added, as transformers adds its own; with a root handler (``logging.basicConfig``, pytest)
+    records propagate to it.
     """
+    from transformers.utils import logging as hf_logging
+
     level = args.get_process_log_level()
+    chosen = args.log_level if getattr(args, "should_log", True) else args.log_level_replica
     library = std_logging.getLogger(LIBRARY_LOGGER)
-    library.setLevel(level)
-    std_logging.getLogger(CONSOLE_LOGGER).setLevel(min(level, std_logging.INFO)
-                                                   if level <= std_logging.WARNING else level)
+    if chosen != "passive":
+        library.setLevel(level)
+    elif hf_logging.get_verbosity() != hf_logging.WARNING:
+        library.setLevel(hf_logging.get_verbosity())
+    else:
+        library.setLevel(std_logging.NOTSET)
+    std_logging.getLogger(CONSOLE_LOGGER).setLevel(std_logging.INFO if level <= std_logging.WARNING else level)
     if not std_logging.getLogger().handlers and not any(getattr(h, "_splora", False) for h in library.handlers):
         handler = std_logging.StreamHandler()
         handler._splora = True

