@@ -20,10 +20,19 @@ Run: ``python benchmarks/scoring_memory.py`` (about a minute at low load; 0.5 GB
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
-from _common import header, load_text, markdown_table, median, set_threads, spread, time_call, wait_for_load, write_section
+from _common import (
+    header,
+    load_text,
+    markdown_table,
+    median,
+    set_threads,
+    spread,
+    time_call,
+    wait_for_load,
+    write_section,
+)
 from scoring_speed import MODELS, make_adapter, make_pool
 
 from splora_callback.alignment import AlignmentSubspace
@@ -66,9 +75,9 @@ def main() -> None:
             score_updates(adapter.updates[:4], resident, "ediem")  # warm-up
             times = {"resident": [], "stream": []}
             for _ in range(args.repeats):  # interleaved: load drift hits both alike
-                times["resident"] += time_call(lambda a=adapter: score_updates(a.updates, resident, "ediem"), 1, 0)
+                times["resident"] += time_call(lambda a=adapter, v=resident: score_updates(a.updates, v, "ediem"), 1, 0)
                 account.reset_peak()
-                times["stream"] += time_call(lambda a=adapter: score_updates(a.updates, streamed, "ediem"), 1, 0)
+                times["stream"] += time_call(lambda a=adapter, v=streamed: score_updates(a.updates, v, "ediem"), 1, 0)
             moved, peak, live = account.moved, account.peak, account.live  # of the last streamed call
             check = score_updates(adapter.updates, streamed, "ediem").to_dict()
             assert check == score_updates(adapter.updates, resident, "ediem").to_dict(), "streamed scores differ"

@@ -114,6 +114,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
     Raises (in ``on_train_begin``, before the first step):
         NoLoraLayersError, UnsupportedAdapterError: the model has no (plain) LoRA layer.
         AlignmentMismatchError, CheckpointError: ``config.base_model`` does not match the model.
+        BaseModelNotFound: ``base_model="auto"`` and neither the aligned model's card nor the known
+            pairs name its base (the message names ``base_model``).
+        ValueError: ``refusal_prompts`` without a tokenizer (``Trainer(processing_class=...)``).
     """
 
     def __init__(self, config: SPLoRAConfig | dict[str, Any] | None = None, **kwargs: Any):

@@ -50,7 +50,7 @@ def test_without_a_probe_the_headline_says_there_is_no_direct_signal_and_how_to_
 
 
 @pytest.mark.parametrize("kwargs,expected", [
-    ({"losses": (0.4, 0.41, 0.42)}, r"within 10% above the aligned model's 0.400: .*did not clearly weaken"),
+    ({"losses": (0.4, 0.41, 0.42)}, r"ended at 0.420 \(\+0.020 vs aligned\), within 10% above the aligned model.s 0.400\."),
     ({"after": 0.6}, r"past 10% above .* weakens refusals\. The action took 80% of that rise back \(0.600 after\)"),
     ({"after": 1.5}, r"The action did not lower it \(1.500 after\): try metric='probe'"),
     ({"after": None}, r"Act on it: prune or repair"),
@@ -66,3 +66,12 @@ def test_html_report_leads_with_the_headline_and_the_safety_chart():
     assert "aligned model 0.400 nats" in page
     bare = render_html(report(losses=(None, None, None), aligned=None, after=None))
     assert "<figure id='safety'" not in bare and "No direct safety signal" in bare
+
+
+def test_verdict_reads_the_refusal_rate_too():
+    falling = report(losses=(0.4, 0.41, 0.42), rates=[(10, 0.9), (30, 0.5)])
+    falling["safety"]["after_action"]["refusal_rate"] = 0.85
+    assert verdict(falling).endswith("The refusal rate on held-out prompts fell from 0.90 (aligned) to 0.50; 0.85 "
+                                     "after the action: refusals are weakening, whatever the probe's loss says.")
+    steady = report(rates=[(10, 0.9), (30, 0.85)])
+    assert verdict(steady).endswith("The refusal rate on held-out prompts stayed near the aligned model's (0.90 -> 0.85).")

@@ -60,6 +60,7 @@ def test_quickstart_blocks_run_and_save_pruned_adapters_with_cards(tmp_path, mon
         import wandb
 
         wandb.finish()
+        wandb.teardown()  # a W&B setup left behind would be reused by later tests (another WANDB_DIR, mode)
     for out in ("out", "out-sft"):
         config = json.loads((tmp_path / out / "adapter_config.json").read_text())
         assert len(config["exclude_modules"]) == 10  # k=10 of the 16 q/k/v/o modules pruned

@@ -641,3 +641,28 @@ def test_cpu_demo_smoke_real_model(tmp_path):
     assert (tmp_path / "splora_report.html").is_file() and (tmp_path / "results.png").is_file()
     assert saved["rows"][0]["rule"] == "aligned" and 0 <= saved["rows"][0]["refusal_rate"] <= 1
     assert not set(saved["probe"]["prompts"]) & set(saved["evaluation_prompts"])
+
+
+def test_plan_variants_component_and_budget_rules():
+    """The component rules of variants.RULES: units are (layer, index) pairs, their kind-matched
+    controls draw the same number of components per module kind, and acting on a variant applies
+    its component selection (spec 3c)."""
+    from test_components import synthetic_scores
+
+    scores = synthetic_scores({f"l{i}.{kind}": [(0.1 * i + j - 0.5, 0.05 * j - 0.05) for j in range(4)]
+                               for i in range(4) for kind in ("q", "v")})
+    rules = ["component_probe", "component_budget", "layer_budget"]
+    variants = recipe_variants.plan_variants(scores, rules, [0.25], [0, 1])
+    by = {(v.rule, v.control, v.seed): v for v in variants}
+    own = by[("component_probe", None, None)]
+    assert len(own.layers) == 8 and all(isinstance(unit, tuple) for unit in own.layers)  # 25 % of 32
+    assert isinstance(own.selection, dict) and sum(map(len, own.selection.values())) == 8
+    for seed in (0, 1):
+        control = by[("component_probe", "kind-matched", seed)]
+        assert Counter(name.rsplit(".", 1)[1] for name, _ in control.layers) == Counter(
+            name.rsplit(".", 1)[1] for name, _ in own.layers)
+    budget = by[("component_budget", None, None)]
+    assert budget.layers and all(isinstance(unit, tuple) for unit in budget.layers)
+    assert all(isinstance(name, str) for name in by[("layer_budget", None, None)].layers)
+    uniform = by[("random", "uniform", 0)]
+    assert all(isinstance(name, str) for name in uniform.layers) and len(uniform.layers) == 2  # whole layers

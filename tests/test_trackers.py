@@ -112,6 +112,7 @@ def test_wandb_groups_per_layer_series_by_kind_and_leads_with_the_safety_signal(
     import wandb
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()  # a W&B setup left by an earlier test (WANDB_MODE=disabled, another WANDB_DIR) would stay
     try:
         _, callback = train(pair, dataset, tmp_path / "out", ["wandb"])
     finally:
