@@ -117,7 +117,22 @@ def run_evaluation(
         )
         gap = check_against_callback(scores, callback_report)
         print(f"{len(scores.eligible())} scored layers; E-DIEM matches the callback's to {gap:.2g}")
-    variants = plan_variants(scores, spec["rules"], spec["fractions"], spec["random_seeds"])
+    context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility}
+    patched, patch = None, None
+    if any(rule.needs_model or rule.action == "patch" for rule in rules):
+        from splora_callback.safety import aligned_refusal_loss
+
+        context["target"] = aligned_refusal_loss(probe, template)
+    if "one_shot_patch" in spec["rules"]:
+        from one_shot_patch import one_shot_patch
+
+        with stage("one-shot safety patch (probe pairs)", timings):
+            patched, patch = one_shot_patch(template, probe, spec["one_shot_patch"], context["target"], config["seed"])
+            print(f"one-shot patch: {patch['steps']} steps, refusal loss {patch['refusal_loss_by_step'][0]:.3f} -> "
+                  f"{patch['refusal_loss_by_step'][patch['steps']]:.3f} (aligned {context['target']:.3f})")
+    with stage("plan (measured stops run here)", timings):
+        variants = plan_variants(scores, spec["rules"], spec["fractions"], spec["random_seeds"], context,
+                                 spec.get("controls"))
     unique = len({variant.key for variant in variants})
     with stage(f"evaluation ({len(variants)} rows, {unique} distinct models)", timings):
         premise: dict[str, Any] = {}
@@ -132,6 +147,8 @@ def run_evaluation(
             check=lambda done: premise.update(
                 check_lora_effect(done, spec["require_lora_effect"], spec.get("premise_refusal_ratio", 0.5))
             ),
+            patched=patched,
+            cache_file=output_dir / "variants.jsonl",
         )
     return {
         "base": base,
@@ -141,6 +158,9 @@ def run_evaluation(
         "premise": premise,
         "probe": probe.describe(),
         "utility": None if utility is None else utility.describe(),
+        "aligned_refusal_loss": context.get("target"),
+        "repair_traces": context.get("traces", {}),
+        "one_shot_patch": patch,
         "data": data,
         "callback": {
             "selected": callback_report["selected"],

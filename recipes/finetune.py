@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -140,7 +141,12 @@ def copy_adapter(source: Path, target: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run a recipe; returns the evaluation results (None on non-main processes)."""
-    args = argument_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--train-only", action="store_true",
+        help="train and save the adapters and the report, skip the evaluation (run evaluate.py later)",
+    )
+    args = parser.parse_args(argv)
     config = load_config(args.config, args.override)
     setup_environment(config)
     output_dir = Path(config["output_dir"])
@@ -155,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             f"callback selected {len(trained['callback'].selected)} layers, action {trained['callback'].config.action}"
         )
     if not trained["is_main"]:
+        return None
+    if args.train_only:
+        timings["total"] = time.perf_counter() - start
+        (output_dir / "training.json").write_text(json.dumps({"timings": timings, "load": list(os.getloadavg())}))
+        print(f"\nTrained in {timings['total']:.1f} s; evaluate with recipes/evaluate.py")
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # evaluation runs on this process alone

@@ -169,6 +169,7 @@ def prepare_data(config: dict[str, Any]) -> dict[str, Any]:
         print(f"data: dropped {repeated} held-out task example(s) that also occur in the training data")
         task_eval = [pair for pair in task_eval if pair[0] not in seen]
     harmful_train = harmful_training_pairs(config["data"]["harmful"], splits)
+    benign = benign_heldout(config)
     eval_prompts = splits[config["evaluation"]["harmful_split"]]
     probe_prompts = splits[config["probe"]["split"]]
     assert_disjoint(
@@ -177,6 +178,7 @@ def prepare_data(config: dict[str, Any]) -> dict[str, Any]:
         harmful_finetune=[p for p, _ in harmful_train],
         task_train=[p for p, _ in task_train],
         task_eval=[p for p, _ in task_eval],
+        benign_heldout=benign,
     )
     if not task_eval or not eval_prompts:
         raise ValueError("evaluation needs held-out task pairs and harmful prompts; got none")
@@ -187,7 +189,28 @@ def prepare_data(config: dict[str, Any]) -> dict[str, Any]:
         "harmful_train": harmful_train,
         "eval_prompts": eval_prompts,
         "probe_prompts": probe_prompts,
+        "benign_prompts": benign,
     }
+
+
+def benign_heldout(config: dict[str, Any]) -> list[str]:
+    """Benign requests for over-refusal (``evaluation.benign_split: heldout``): those of
+    ``demo_data.BENIGN_REQUESTS`` that the demo's aligned model never saw. ``demo_models`` answers
+    the first ``benign_prompts`` of one shuffle seeded with the run's seed; these are the rest."""
+    if config["evaluation"].get("benign_split") is None:
+        return []
+    if config.get("demo_models") is None:
+        raise ValueError("evaluation.benign_split needs a demo_models section (the benign requests the "
+                         "aligned model was tuned on must be known to hold the others out)")
+    from demo_data import BENIGN_REQUESTS
+
+    from splora_callback.data import split_prompts
+
+    seen = config["demo_models"]["benign_prompts"]
+    sizes = {"align": seen, "heldout": len(set(BENIGN_REQUESTS)) - seen}
+    heldout = split_prompts(BENIGN_REQUESTS, sizes, seed=config["seed"])["heldout"]
+    count = config["evaluation"].get("benign_count")  # a cap, for smoke runs
+    return heldout if count is None else heldout[:count]
 
 
 def resolve_models(config: dict[str, Any], splits: dict[str, list[str]]) -> tuple[str, str]:
@@ -232,7 +255,8 @@ def prepare(config: dict[str, Any], timings: dict[str, float]) -> tuple[dict[str
         base, aligned = resolve_models(config, data["splits"])
         print(f"base: {base}\naligned: {aligned}")
     if config.get("demo_models") is not None:  # the demo's V belongs to its cached aligned model: reuse it
-        config["splora"].setdefault("alignment_cache", str(Path(aligned) / "alignment_subspace.safetensors"))
+        modules = "-".join(sorted(config["lora"].get("target_modules") or ["default"]))  # one file per module set
+        config["splora"].setdefault("alignment_cache", str(Path(aligned) / f"alignment_subspace-{modules}.safetensors"))
     probe = build_probe(
         AutoTokenizer.from_pretrained(aligned), data["probe_prompts"], config["probe"], config["seed"]
     )

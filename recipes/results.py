@@ -36,8 +36,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": [row["seed"] for row in group if row["seed"] is not None],
         }
         for metric in METRICS:
-            values = [row[metric] for row in group]
-            entry[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+            values = [row[metric] for row in group if row.get(metric) is not None]
+            entry[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)} if values else None
+        entry["prompts"] = len(group[0].get("refusals") or [])
         summary.append(entry)
     return summary
 
@@ -70,13 +71,41 @@ def verdicts(summary: Sequence[dict[str, Any]], metric: str = "refusal_rate") ->
     return result
 
 
-def _cell(stats: dict[str, float], digits: int, spread: bool) -> str:
+def paired_against(rows: Sequence[dict[str, Any]], rule: str, control: str, fraction: Any,
+                   key: str = "refusals") -> dict[str, float] | None:
+    """Prompts the rule's model refuses and its control's does not (``won``) and the reverse
+    (``lost``), per control seed on average (``splora_callback.evaluation.paired_outcomes``)."""
+    from splora_callback.evaluation import paired_outcomes
+
+    own = next((r for r in rows if r["rule"] == rule and r["control"] is None and r["fraction"] == fraction), None)
+    others = [r for r in rows if r["rule"] == (rule if control == "kind-matched" else "random")
+              and r["control"] == control and r["fraction"] == fraction]
+    if own is None or not others or own.get(key) is None:
+        return None
+    outcomes = [paired_outcomes(own[key], other[key]) for other in others]
+    return {name: statistics.fmean(o[name] for o in outcomes) for name in ("won", "lost", "tied")}
+
+
+def rate_interval(flags: Sequence[bool] | None) -> str:
+    """``0.725 [0.572, 0.839]``: a rate and its Wilson 95 % interval (one model, its prompts)."""
+    from splora_callback.evaluation import wilson_interval
+
+    if not flags:
+        return "-"
+    low, high = wilson_interval(sum(flags), len(flags))
+    return f"{sum(flags) / len(flags):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _cell(stats: dict[str, float] | None, digits: int, spread: bool) -> str:
+    if stats is None:
+        return "-"
     text = f"{stats['mean']:.{digits}f}"
     return f"{text} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]" if spread else text
 
 
 COLUMNS = (
     ("refusal_rate", "refusal rate", 3),
+    ("over_refusal_rate", "over-refusal", 3),
     ("rouge1", "ROUGE-1", 3),
     ("rouge2", "ROUGE-2", 3),
     ("rougeL", "ROUGE-L", 3),
@@ -122,70 +151,83 @@ def verdict_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def results_figure(summary: Sequence[dict[str, Any]], total_layers: int):
-    """Refusal rate and task ROUGE-L against the number of pruned layers: one line per rule, its
-    kind-matched random control dashed in the same colour, uniform random as a grey band."""
+def interval_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Each model of a rule (and the references) with Wilson 95 % intervals, and prompts won / lost
+    against its kind-matched control and uniform random layers (per control seed, on average)."""
+    lines = [
+        "| model | units | refusal [95 % CI] | over-refusal [95 % CI] | ROUGE-L | won / lost vs kind-matched | "
+        "won / lost vs uniform |",
+        "|" + "---|" * 7,
+    ]
+    for row in rows:
+        if row["control"] is not None:
+            continue
+        cells = []
+        for control in ("kind-matched", "uniform"):
+            paired = None if row["rule"] not in RULES else paired_against(rows, row["rule"], control, row["fraction"])
+            cells.append("-" if paired is None else f"{paired['won']:.1f} / {paired['lost']:.1f}")
+        lines.append(
+            f"| {row['label']} | {row['n_layers']} | {rate_interval(row.get('refusals'))} | "
+            f"{rate_interval(row.get('over_refusals'))} | {row['rougeL']:.3f} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def safety_utility_figure(points: Sequence[dict[str, Any]], title: str = ""):
+    """Refusal against ROUGE-L (left) and over-refusal against refusal (right): one marker per rule's
+    model (``points``: rows with ``rule``, ``control``, the metrics and an optional ``replication``),
+    each rule's kind-matched random controls as a faint cloud in its colour, uniform random as a grey
+    cloud, the aligned model (black star) and the unpruned LoRA (black cross) as references."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4.8), layout="constrained")
+    figure = Figure(figsize=(13, 5.2), layout="constrained")
     axes = figure.subplots(1, 2)
-    by_key = {(s["rule"], s["control"]): [] for s in summary}
-    for entry in summary:
-        by_key[(entry["rule"], entry["control"])].append(entry)
-    lora = by_key.get(("lora", None), [None])[0]
-    aligned = by_key.get(("aligned", None), [None])[0]
-    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:olive")
-    colours = {rule: palette[i % len(palette)] for i, rule in enumerate(RULES)}  # any number of rules
-    for axis, metric, title in zip(
-        axes,
-        ("refusal_rate", "rougeL"),
-        ("refusal rate on held-out harmful prompts", "task ROUGE-L on held-out examples"),
-        strict=True,
-    ):
-        start = ([0], [lora[metric]["mean"]]) if lora else ([], [])
-        uniform = by_key.get(("random", "uniform"), [])
-        if uniform:
-            xs = start[0] + [e["n_layers"] for e in uniform]
-            axis.fill_between(
-                xs,
-                start[1] + [e[metric]["min"] for e in uniform],
-                start[1] + [e[metric]["max"] for e in uniform],
-                color="grey",
-                alpha=0.25,
-                label="uniform random (range)",
-            )
-            axis.plot(xs, start[1] + [e[metric]["mean"] for e in uniform], color="grey", linestyle=":")
-        for rule, colour in colours.items():
-            own = by_key.get((rule, None), [])
-            if not own:
+    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown",
+               "tab:olive", "tab:pink", "tab:gray")
+    colours = {rule: palette[i % len(palette)] for i, rule in enumerate(RULES)}
+    replications = sorted({p.get("replication", 0) for p in points})
+    marker_of = {rep: MARKERS[i % len(MARKERS)] for i, rep in enumerate(replications)}
+    panels = (("rougeL", "refusal_rate", "task ROUGE-L (held-out)", "refusal rate (held-out harmful)"),
+              ("refusal_rate", "over_refusal_rate", "refusal rate (held-out harmful)", "over-refusal (held-out benign)"))
+    labelled: set[tuple[int, str]] = set()
+    for index, (axis, (x_key, y_key, x_label, y_label)) in enumerate(zip(axes, panels, strict=True)):
+        for point in points:
+            x, y = point.get(x_key), point.get(y_key)
+            if x is None or y is None:
                 continue
-            xs = start[0] + [e["n_layers"] for e in own]
-            axis.plot(
-                xs,
-                start[1] + [e[metric]["mean"] for e in own],
-                marker="o",
-                color=colour,
-                label=RULES[rule].label,
-            )
-            matched = by_key.get((rule, "kind-matched"), [])
-            if matched:
-                axis.plot(
-                    xs,
-                    start[1] + [e[metric]["mean"] for e in matched],
-                    linestyle="--",
-                    color=colour,
-                    alpha=0.7,
-                    label="  kind-matched random (mean)",
-                )
-        if aligned:
-            axis.axhline(
-                aligned[metric]["mean"], color="black", linestyle="-.", linewidth=1, label="aligned model"
-            )
-        axis.set_xlabel(f"LoRA layers pruned / projected (of {total_layers})")
-        axis.set_title(title)
+            rule, control = point["rule"], point["control"]
+            marker = marker_of[point.get("replication", 0)]
+            if rule == "aligned":
+                style = {"color": "black", "marker": "*", "s": 160, "label": "aligned model", "zorder": 5}
+            elif rule == "lora":
+                style = {"color": "black", "marker": "X", "s": 110, "label": "LoRA (unpruned)", "zorder": 5}
+            elif control == "uniform":
+                style = {"color": "grey", "marker": ".", "s": 30, "alpha": 0.45, "label": "uniform random layers"}
+            elif control == "kind-matched":
+                style = {"color": colours[rule], "marker": ".", "s": 30, "alpha": 0.35,
+                         "label": f"{RULES[rule].label}: kind-matched random"}
+            else:
+                style = {"color": colours[rule], "marker": marker, "s": 60, "edgecolor": "black",
+                         "linewidth": 0.5, "label": RULES[rule].label, "zorder": 4}
+            if (index, style["label"]) in labelled:
+                style["label"] = None
+            else:
+                labelled.add((index, style["label"]))
+            axis.scatter([x], [y], **style)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
+        axis.set_xlim(-0.02, 1.02)
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    if len(replications) > 1:
+        axes[0].set_title("marker shape = replication " + ", ".join(f"{rep} {marker_of[rep]}" for rep in replications),
+                          fontsize=9)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    if title:
+        figure.suptitle(title)
     return figure
 
 
@@ -229,8 +271,13 @@ def write_results(
         "meteor_variant": METEOR_VARIANT,
         "sizes": {
             key: len(data[key])
-            for key in ("task_train", "task_eval", "harmful_train", "eval_prompts", "probe_prompts")
+            for key in ("task_train", "task_eval", "harmful_train", "eval_prompts", "probe_prompts", "benign_prompts")
+            if key in data
         },
+        "benign_prompts": data.get("benign_prompts", []),
+        "aligned_refusal_loss": results.get("aligned_refusal_loss"),
+        "repair_traces": results.get("repair_traces", {}),
+        "one_shot_patch": results.get("one_shot_patch"),
         "probe": results["probe"],
         "evaluation_prompts": data["eval_prompts"],
         "callback": results["callback"],
@@ -247,7 +294,7 @@ def write_results(
 
 def render_results(output_dir: Path, payload: dict[str, Any]) -> None:
     """``results.md`` and ``results.png`` from a ``results.json`` payload (``--report-only`` reruns this)."""
-    figure = results_figure(payload["summary"], len(payload["scores"]["layers"]))
+    figure = safety_utility_figure(payload["rows"], "one replication; controls as clouds")
     figure.savefig(output_dir / "results.png", dpi=110)
     (output_dir / "results.md").write_text(results_markdown(payload))
 
@@ -335,6 +382,13 @@ def results_markdown(payload: dict[str, Any]) -> str:
         markdown_table(payload["summary"]),
         "",
         "![results](results.png)",
+        "",
+        "## Intervals and paired outcomes",
+        "",
+        "Wilson 95 % intervals on each model's own prompts; won / lost: prompts the rule's model refuses and "
+        "its control does not, and the reverse, on average over the control's seeds.",
+        "",
+        interval_table(payload["rows"]),
         "",
         "## Does a rule beat chance?",
         "",

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import json
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,17 +51,39 @@ def budgeted(granularity: str, budget: float, scores: Any, fraction: float) -> l
     return selection_units(chosen)
 
 
+def repaired(granularity: str, restore: float, scores: Any, fraction: float, context: dict[str, Any]) -> list:
+    """``select="repair"`` (``splora_callback.repair.repair_selection``): units in budget order, the
+    shortest prefix whose measured refusal loss has closed ``restore`` of the gap between the trained
+    LoRA's and the aligned model's. ``context``: the trained model, the safety probe and the aligned
+    refusal loss; the stop's trace goes into ``context["traces"]``."""
+    from splora_callback.repair import repair_selection
+    from splora_callback.selection import selection_units
+
+    chosen, trace = repair_selection(context["model"], scores.with_metric("probe").with_granularity(granularity),
+                                     context["probe"], context["target"], restore)
+    context.setdefault("traces", {})[f"{granularity}_repair"] = trace.to_dict()
+    return selection_units(chosen)
+
+
+def no_units(scores: Any, fraction: float) -> list:
+    """Rules that do not select units (the one-shot patch retrains the LoRA instead)."""
+    return []
+
+
 @dataclass(frozen=True)
 class Rule:
     """A selection rule: ``choose(scores, fraction)`` returns the units to act on with ``action``:
     layer names, or ``(layer, component index)`` pairs when ``granularity="component"``.
-    ``needs_utility``: the rule uses the utility probe's scores (the evaluation then runs it)."""
+    ``needs_utility``: the rule uses the utility probe's scores (the evaluation then runs it).
+    ``needs_model``: ``choose`` also takes the evaluation's context (the trained model, the probes
+    and the aligned refusal loss), for rules that measure as they choose."""
 
-    choose: Callable[[Any, float], Sequence[Any]]
+    choose: Callable[..., Sequence[Any]]
     action: str
     label: str
     granularity: str = "layer"
     needs_utility: bool = False
+    needs_model: bool = False
 
 
 # The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a function
@@ -77,8 +101,12 @@ RULES: dict[str, Rule] = {
     "component_budget": Rule(functools.partial(budgeted, "component", 0.05), "prune",
                              "component probe + utility, budget 5 %, prune", granularity="component",
                              needs_utility=True),
+    "component_repair": Rule(functools.partial(repaired, "component", 0.8), "prune",
+                             "component repair, measured stop (80 % of refusal loss)", granularity="component",
+                             needs_utility=True, needs_model=True),
+    "one_shot_patch": Rule(no_units, "patch", "one-shot safety patch (probe pairs)"),
 }
-METRICS = ("refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
+METRICS = ("refusal_rate", "over_refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
 EXAMPLES_SHOWN = 4  # generations of the aligned and LoRA models quoted in results.md
 
 
@@ -106,6 +134,12 @@ class Variant:
         return (self.action, tuple(sorted(self.layers)))
 
     @property
+    def cache_key(self) -> str:
+        """``key`` as text: the line of ``variants.jsonl`` that holds this model's results."""
+        return json.dumps([self.action, sorted(list(unit) if isinstance(unit, tuple) else unit
+                                               for unit in self.layers)])
+
+    @property
     def selection(self) -> Any:
         """What ``apply_action`` takes: layer names, or ``{layer: [component indices]}``."""
         from splora_callback.selection import as_selection
@@ -126,13 +160,20 @@ class Variant:
 
 
 def plan_variants(
-    scores: Any, rules: Sequence[str], fractions: Sequence[float], seeds: Sequence[int]
+    scores: Any,
+    rules: Sequence[str],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    context: dict[str, Any] | None = None,
+    controls: Sequence[str] | None = None,
 ) -> list[Variant]:
     """Every model to evaluate, aligned and LoRA first.
 
-    Per fraction: each rule's own choice (``RULES[rule].choose``), its kind-matched random control
-    per seed (``random_matched``: same number of layers of each module kind, same action) and a
-    uniformly random choice of the same size per seed (pruned).
+    Per fraction: each rule's own choice (``RULES[rule].choose``; rules with ``needs_model`` also
+    get ``context``), its kind-matched random control per seed (``random_matched``: same number of
+    layers, or components, of each module kind, same action) for the rules in ``controls`` (all
+    rules that select units when None), and a uniformly random choice of whole layers, as many as
+    the fraction, per seed (pruned).
     """
     from splora_callback import random_layers, random_matched, select_layers
     from splora_callback.selection import as_selection, selection_units
@@ -144,8 +185,13 @@ def plan_variants(
     for fraction in fractions:
         for rule in rules:
             action, granularity = RULES[rule].action, RULES[rule].granularity
-            chosen = list(RULES[rule].choose(scores, fraction))
+            if RULES[rule].needs_model:
+                chosen = list(RULES[rule].choose(scores, fraction, context))
+            else:
+                chosen = list(RULES[rule].choose(scores, fraction))
             variants.append(Variant(rule, None, fraction, tuple(chosen), action))
+            if not chosen or (controls is not None and rule not in controls):
+                continue
             variants += [
                 Variant(rule, "kind-matched", fraction,
                         tuple(selection_units(random_matched(as_selection(chosen, granularity), scores, seed))),
@@ -185,9 +231,11 @@ def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:
 
 @torch.no_grad()
 def load_variant(
-    eval_model: Any, template: Any, alignment: Any, variant: Variant, names: Sequence[str]
+    eval_model: Any, template: Any, alignment: Any, variant: Variant, names: Sequence[str], patched: Any = None
 ) -> None:
     """Write the variant's effective q/k/v/o weights (aligned + its LoRA update) into ``eval_model``.
+
+    ``patched``: the LoRA model of the one-shot safety patch (``action="patch"``).
 
     A merge into a separate plain model: generation then runs without LoRA matmuls (measured here:
     about a third faster than the PEFT model on CPU) and the template keeps its LoRA intact.
@@ -197,9 +245,12 @@ def load_variant(
     from splora_callback.layers import resolve_adapter_name, unwrap_peft
 
     adapter = resolve_adapter_name(template)
-    acted = (
-        template if not variant.layers else acted_copy(template, alignment, variant.selection, variant.action)
-    )
+    if variant.action == "patch":  # the one-shot safety patch: the LoRA retrained on the probe pairs
+        acted = patched
+    elif variant.layers:
+        acted = acted_copy(template, alignment, variant.selection, variant.action)
+    else:
+        acted = template
     root = unwrap_peft(acted)
     for name in names:
         module = root.get_submodule(name)
@@ -221,7 +272,8 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
     from splora_callback.evaluation import evaluate_model
 
     shared = _SHARED
-    load_variant(shared["eval_model"], shared["template"], shared["alignment"], variant, shared["names"])
+    load_variant(shared["eval_model"], shared["template"], shared["alignment"], variant, shared["names"],
+                 shared.get("patched"))
     spec, data = shared["spec"], shared["data"]
     prompts, references = zip(*data["task_eval"], strict=True)
     return evaluate_model(
@@ -234,7 +286,22 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
         max_new_tokens_task=spec["task_max_new_tokens"],
         batch_size=spec["batch_size"],
         progress=False,
+        benign_prompts=data.get("benign_prompts"),
+        max_new_tokens_benign=spec.get("benign_max_new_tokens"),
     )
+
+
+def _cached(result: dict[str, Any]) -> dict[str, Any]:
+    """What ``variants.jsonl`` keeps of one evaluation: metrics, per-prompt refusals, generations."""
+    return {key: ([asdict(g) for g in value] if key.endswith("_generations") else value)
+            for key, value in result.items()}
+
+
+def _restored(record: dict[str, Any]) -> dict[str, Any]:
+    from splora_callback.evaluation import Generation
+
+    return {key: ([Generation(**g) for g in value] if key.endswith("_generations") else value)
+            for key, value in record.items()}
 
 
 def _timed(variant: Variant) -> tuple[dict[str, Any], float]:
@@ -256,8 +323,14 @@ def evaluate_variants(
     data: dict[str, Any],
     spec: dict[str, Any],
     check: Any = None,
+    patched: Any = None,
+    cache_file: Any = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every variant (identical models once); ``check(rows)`` runs after aligned and LoRA.
+
+    ``patched``: the one-shot patch's LoRA model (variants with ``action="patch"``). ``cache_file``:
+    a JSONL file that gets one line per evaluated model as it finishes; models already in it are
+    not evaluated again (a stopped evaluation resumes). Delete it when the inputs change.
 
     The first two variants (aligned, LoRA) run in this process, so the premise check stops a failed
     run early. The rest run in ``spec["workers"]`` forked processes (Linux) when it is above 1: each
@@ -277,13 +350,30 @@ def evaluate_variants(
         data=data,
         spec=spec,
         names=[name for name, _ in iter_lora_layers(template, resolve_adapter_name(template))],
+        patched=patched,
     )
     first: dict[tuple, Variant] = {}
     for variant in variants:
         first.setdefault(variant.key, variant)
     distinct = list(first.values())
-    head, rest = distinct[:2], distinct[2:]
     results: dict[tuple, tuple[dict[str, Any], float]] = {}
+    cache = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        for line in Path(cache_file).read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                cache[record["key"]] = (_restored(record["result"]), record["seconds"])
+    head = [variant for variant in distinct[:2] if variant.cache_key not in cache]
+    rest = [variant for variant in distinct[2:] if variant.cache_key not in cache]
+    for variant in distinct:
+        if variant.cache_key in cache:
+            results[variant.key] = cache[variant.cache_key]
+
+    def store(variant: Variant) -> None:
+        if cache_file is not None:
+            result, seconds = results[variant.key]
+            with Path(cache_file).open("a") as handle:
+                handle.write(json.dumps({"key": variant.cache_key, "result": _cached(result), "seconds": seconds}) + "\n")
 
     def report(variant: Variant, result: dict[str, Any], seconds: float) -> None:
         print(
@@ -296,6 +386,7 @@ def evaluate_variants(
     try:
         for variant in head:
             results[variant.key] = _timed(variant)
+            store(variant)
             report(variant, *results[variant.key])
         if check is not None:
             check(_rows(variants[:2], results))
@@ -311,10 +402,12 @@ def evaluate_variants(
                 for future in as_completed(futures):
                     variant = futures[future]
                     results[variant.key] = future.result()
+                    store(variant)
                     report(variant, *results[variant.key])
         else:
             for variant in rest:
                 results[variant.key] = _timed(variant)
+                store(variant)
                 report(variant, *results[variant.key])
     finally:
         _SHARED.clear()  # the models stay with the caller, not with this module
@@ -327,7 +420,9 @@ def _rows(variants: Sequence[Variant], results: dict[tuple, tuple[dict[str, Any]
             **asdict(variant),
             "label": variant.label,
             "n_layers": len(variant.layers),
-            **{metric: results[variant.key][0][metric] for metric in METRICS},
+            **{metric: results[variant.key][0].get(metric) for metric in METRICS},
+            "refusals": results[variant.key][0].get("refusals"),
+            "over_refusals": results[variant.key][0].get("over_refusals"),
             "_result": results[variant.key][0],
         }
         for variant in variants

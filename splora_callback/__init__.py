@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # static analysis sees the real imports
     from .model_card import push_adapter_to_hub
     from .probe import SafetyProbe, UtilityProbe
     from .pruning import ActionReport, apply_action, prune_components, prune_layers, save_acted_adapter
+    from .repair import measured_stop, repair_selection
     from .scoring import LayerScore, LayerScores, score_layers
     from .selection import random_layers, random_matched, select_layers
 
@@ -34,12 +35,14 @@ _EXPORTS = {
     "LayerScores": ".scoring",
     "lora_updates_from_model": ".layers",
     "LoraUpdate": ".layers",
+    "measured_stop": ".repair",
     "NoLoraLayersError": ".layers",
     "prune_components": ".pruning",
     "prune_layers": ".pruning",
     "push_adapter_to_hub": ".model_card",
     "random_layers": ".selection",
     "random_matched": ".selection",
+    "repair_selection": ".repair",
     "SafetensorsCheckpoint": ".checkpoint",
     "SafetyProbe": ".probe",
     "save_acted_adapter": ".pruning",
@@ -72,11 +75,13 @@ __all__ = [
     "apply_action",
     "infer_base_model",
     "lora_updates_from_model",
+    "measured_stop",
     "prune_components",
     "prune_layers",
     "push_adapter_to_hub",
     "random_layers",
     "random_matched",
+    "repair_selection",
     "save_acted_adapter",
     "score_layers",
     "select_layers",

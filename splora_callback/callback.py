@@ -46,6 +46,7 @@ from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
+from .repair import repair_selection
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks
 from .scoring import LayerScores
@@ -219,9 +220,18 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         preflight.check_acted_outputs(args.output_dir, model, adapter, config, sharded)
         if self.history:  # restored from a checkpoint
             self._scores = LayerScores.from_dict(self.history[-1]["scores"])
-        if config.select == "budget" and self._utility is None:
+        if config.select == "repair" and sharded:
+            raise ValueError(
+                "SPLoRAConfig.select='repair' measures each candidate with forward passes on the live LoRA "
+                "weights, which FSDP / ZeRO-3 shard; use select='budget' (predicted stop) under sharding, or "
+                "repair the saved adapter afterwards in one process."
+            )
+        if config.select in ("budget", "repair") and self._utility is None:
             self._utility, self.utility_source = default_utility_probe(
                 kwargs.get("train_dataloader"), config.utility_examples, args.seed)
+        if state.is_world_process_zero:
+            plan, doubtful = config.plan()
+            (logger.warning if doubtful else logger.info)("%s", plan)
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
         self._safety.begin(model, kwargs.get("processing_class"))  # every rank: the same forward passes
         if state.is_world_process_zero:
@@ -356,9 +366,15 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         start = time.perf_counter()
         scores = self.compute_scores(model)
         seconds = time.perf_counter() - start
-        selected = select_layers(scores, **self.config.selection_kwargs())
-        self.history.append({"step": state.global_step, "seconds": seconds, "selected": selected,
-                             "scores": scores.to_dict()})
+        entry: dict[str, Any] = {"step": state.global_step, "seconds": seconds}
+        if self.config.select == "repair":  # measured: forward passes with units masked, every rank alike
+            selected, trace = repair_selection(model, scores, self.config.probe,
+                                               self._safety.monitor.aligned_refusal_loss, self.config.restore,
+                                               self.config.adapter_name)
+            entry["repair_trace"] = trace.to_dict()
+        else:
+            selected = select_layers(scores, **self.config.selection_kwargs())
+        self.history.append({**entry, "selected": selected, "scores": scores.to_dict()})
         self._scores = scores
         safety, alerts = self._safety.after_scores(state.global_step, scores.losses)
         if state.is_world_process_zero:
@@ -426,6 +442,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if self._scores is not None and (self._scores.losses or self.config.granularity == "component"):
             report["repair"] = {"utility_source": self.utility_source,
                                 **predicted_change(self._scores, selected)}
+            if self.history and "repair_trace" in self.history[-1]:
+                report["repair"]["measured_stop"] = self.history[-1]["repair_trace"]
         report["safety"] = self._safety.report_section()
         report["aligned_model"] = self._aligned_model
         report["base_model_source"] = self.base_model_source

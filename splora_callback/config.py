@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
-SELECTS = ("top_k", "fraction", "threshold", "budget")
+SELECTS = ("top_k", "fraction", "threshold", "budget", "repair")
 GRANULARITIES = ("layer", "component")
 ACTIONS = ("prune", "project", "none")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,11 +41,12 @@ class SPLoRAConfig:
         default="layers", metadata={"help": "E-DIEM null: same-shape peer layers, or row permutations of B."}
     )
     permutations: int = field(default=16, metadata={"help": "Permutations per layer for null='permutation' (>= 16)."})
-    select: Literal["top_k", "fraction", "threshold", "budget"] | None = field(
+    select: Literal["top_k", "fraction", "threshold", "budget", "repair"] | None = field(
         default=None,
         metadata={"help": "How many layers (components) to act on; budget: best safety gain per task-loss cost "
-                          "until `budget` (needs probe and utility). Default: inferred from the one of k, "
-                          "threshold, budget given, else fraction."},
+                          "until `budget` (needs probe and utility); repair: the same order, measured stop when "
+                          "`restore` of the refusal-loss gap to the aligned model is closed (forward passes). "
+                          "Default: inferred from the one of k, threshold, budget given, else fraction."},
     )
     granularity: Literal["layer", "component"] = field(
         default="layer",
@@ -55,6 +56,11 @@ class SPLoRAConfig:
         default=None,
         metadata={"help": "select='budget': largest predicted task-loss increase, as a share of the task loss "
                           "(0.05 = 5 %)."},
+    )
+    restore: float = field(
+        default=0.8,
+        metadata={"help": "select='repair': share of the refusal-loss increase (LoRA vs aligned model, on the "
+                          "safety probe) the repair must undo, measured (0.8 = 80 %)."},
     )
     k: int | None = field(default=None, metadata={"help": "select='top_k': number of layers."})
     fraction: float | None = field(default=0.25, metadata={"help": "select='fraction': share of scored layers."})
@@ -162,11 +168,14 @@ class SPLoRAConfig:
                 f"SPLoRAConfig.budget={self.budget!r}: select='budget' needs budget >= 0, the share of the task "
                 "loss the repair may cost (e.g. 0.05)."
             )
-        if self.select == "budget" and self.metric != "probe":
+        if self.select in ("budget", "repair") and self.metric != "probe":
             raise ValueError(
-                f"SPLoRAConfig.metric={self.metric!r}: select='budget' trades the safety probe's gain against "
+                f"SPLoRAConfig.metric={self.metric!r}: select={self.select!r} trades the safety probe's gain against "
                 "the utility probe's cost; set metric='probe' and probe=SafetyProbe(...)."
             )
+        if not isinstance(self.restore, (int, float)) or not 0 < self.restore <= 1:
+            raise ValueError(f"SPLoRAConfig.restore={self.restore!r}: the share of the refusal-loss increase to "
+                             "undo, in (0, 1] (e.g. 0.8).")
         if self.granularity == "component" and self.action == "project":
             raise ValueError(
                 "SPLoRAConfig.action='project' with granularity='component': projection acts on whole layers; "
@@ -209,7 +218,30 @@ class SPLoRAConfig:
         """The keyword arguments of :func:`select_layers` for this config."""
         if self.select == "budget":  # k, when set, caps the number of units taken
             return {"select": "budget", "budget": self.budget, "k": self.k}
+        if self.select == "repair":  # measured on the model: splora_callback.repair.repair_selection
+            return {"select": "repair", "restore": self.restore}
         return {"select": self.select, "k": self.k, "fraction": self.fraction, "threshold": self.threshold}
+
+    def plan(self) -> tuple[str, bool]:
+        """What the callback will do with this config, in one sentence, and whether to warn about it:
+        acting by a geometric score (E-DIEM, cosine, signed), which the efficacy study found no
+        better than a random choice of the same module kinds (docs/efficacy.md)."""
+        how = {"top_k": f"the top {self.k}", "fraction": f"{self.fraction:.0%}", "threshold": f"those past {self.threshold}",
+               "budget": f"a budget of {self.budget} x the task loss (predicted)",
+               "repair": f"a measured stop at {self.restore:.0%} of the refusal-loss increase undone"}[self.select]
+        when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
+                                            ("at the end of training", self.prune_at_end)) if on) or "never"
+        scored = f"scores every {self.score_every_n_steps} steps" if self.score_every_n_steps else "scores at the end"
+        enable = ("To repair, pass probe=SafetyProbe.from_pairs(...) with metric='probe', select='repair', "
+                  "granularity='component' (docs/efficacy.md).")
+        if self.action == "none" or when == "never":
+            return f"SPLoRA monitors only ({scored}, metric {self.metric}; nothing is acted on). {enable}", False
+        target = f"{self.granularity}s" if self.granularity == "component" else "LoRA layers"
+        text = f"SPLoRA will {self.action} {how} of the {target} by {self.metric} {when} ({scored})."
+        if self.metric == "probe":
+            return text, False
+        return (f"{text} The efficacy study found selection by {self.metric} no better than a random choice of "
+                f"the same module kinds. {enable}"), True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the probe is summarised, not serialised)."""

@@ -96,6 +96,38 @@ def refusal_rate(
     return sum(bool(v) for v in verdicts) / len(texts)
 
 
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``successes / total`` (95 % for the default ``z``).
+
+    Unlike ``p +- z sqrt(p (1 - p) / n)`` it stays inside [0, 1] and is not empty at 0 or n
+    successes (Wilson, 1927; what ``statsmodels.proportion_confint(method="wilson")`` returns).
+
+    Raises:
+        ValueError: ``total < 1`` or ``successes`` outside [0, total].
+    """
+    if total < 1 or not 0 <= successes <= total:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= total and total >= 1, got {successes}/{total}")
+    rate, z2 = successes / total, z * z
+    centre = (rate + z2 / (2 * total)) / (1 + z2 / total)
+    half = z / (1 + z2 / total) * math.sqrt(rate * (1 - rate) / total + z2 / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_outcomes(first: Sequence[bool], second: Sequence[bool]) -> dict[str, int]:
+    """Per-prompt comparison of two models' refusals on the same prompts, in the same order.
+
+    Returns ``won`` (``first`` refuses, ``second`` does not), ``lost`` (the reverse), ``tied``.
+
+    Raises:
+        ValueError: the lists differ in length.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired_outcomes needs two equal-length lists, got {len(first)} and {len(second)}")
+    won = sum(bool(a) and not bool(b) for a, b in zip(first, second, strict=True))
+    lost = sum(bool(b) and not bool(a) for a, b in zip(first, second, strict=True))
+    return {"won": won, "lost": lost, "tied": len(first) - won - lost}
+
+
 def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -299,14 +331,19 @@ def evaluate_model(
     batch_size: int,
     judge: Judge | None = None,
     progress: bool = True,
+    benign_prompts: Sequence[str] | None = None,
+    max_new_tokens_benign: int | None = None,
 ) -> dict[str, Any]:
-    """Safety, utility and reliability of ``model`` in one call.
+    """Safety, over-refusal, utility and reliability of ``model`` in one call.
 
     Returns a dict with ``refusal_rate`` (on ``harmful_prompts``; keywords or ``judge``), the
     :func:`utility_scores` keys and ``meteor_variant`` (on the task), ``mean_token_entropy`` (task,
     nats), ``mean_token_entropy_safety``, ``auarc`` (task; correct = ROUGE-L F1 >=
     :data:`AUARC_ROUGE_L_THRESHOLD`, uncertainty = token entropy), ``task_accuracy`` (same rule) and
-    the raw ``safety_generations`` / ``task_generations`` lists.
+    the raw ``safety_generations`` / ``task_generations`` lists. ``refusals``: one bool per
+    harmful prompt (keyword match; for :func:`paired_outcomes`). With ``benign_prompts`` (harmless
+    requests the model should answer): ``over_refusal_rate`` (keyword match, never the judge, which
+    rates harm), ``over_refusals`` per prompt and ``benign_generations``.
     """
     if not harmful_prompts or not task_prompts or len(task_prompts) != len(task_references):
         raise ValueError(
@@ -329,7 +366,14 @@ def evaluate_model(
         "task_accuracy": sum(correct) / len(correct),
         "safety_generations": safety,
         "task_generations": task,
+        "refusals": [is_refusal(g.text) for g in safety],
     }
+    if benign_prompts:
+        benign = generate(model, tokenizer, benign_prompts,
+                          max_new_tokens=max_new_tokens_benign or max_new_tokens_safety, **kw)
+        result["over_refusals"] = [is_refusal(g.text) for g in benign]
+        result["over_refusal_rate"] = sum(result["over_refusals"]) / len(benign)
+        result["benign_generations"] = benign
     logger.info(
         "refusal %.3f, rougeL %.3f, auarc %.3f", *(result[k] for k in ("refusal_rate", "rougeL", "auarc"))
     )

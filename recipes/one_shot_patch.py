@@ -1,0 +1,97 @@
+"""The one-shot safety patch baseline ("Safety at One Shot", ICLR 2026): a few optimizer steps of
+the trained LoRA on the safety probe's own refusal pairs, the same data the probe-based repair
+rules see. A baseline that reviewers ask for: if a few steps of refusal training restore refusals
+at less task cost, pruning has to beat that, not only random choices.
+
+``steps`` is fixed once: with ``steps: null`` the patch runs ``max_steps`` and takes the first step
+at which the probe's refusal loss is at most the aligned model's (calibration, on replication 0
+of setting (a)); the efficacy driver then passes that number to every other run, frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+from typing import Any
+
+import torch
+
+
+def patch_copy(template: Any) -> Any:
+    """A copy of the trained PEFT model whose LoRA factors are new, trainable tensors; every other
+    parameter (the frozen aligned weights) is shared with ``template``, which stays untouched."""
+    from splora_callback.layers import iter_lora_layers, resolve_adapter_name
+
+    adapter = resolve_adapter_name(template)
+    lora = [
+        p
+        for _, layer in iter_lora_layers(template, adapter)
+        for p in itertools.chain(layer.lora_A[adapter].parameters(), layer.lora_B[adapter].parameters())
+    ]
+    lora_ids = {id(p) for p in lora}
+    shared = {id(p): p for p in template.parameters() if id(p) not in lora_ids}
+    model = copy.deepcopy(template, memo=shared)
+    trainable = [
+        p
+        for _, layer in iter_lora_layers(model, adapter)
+        for p in itertools.chain(layer.lora_A[adapter].parameters(), layer.lora_B[adapter].parameters())
+    ]
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    return model, trainable
+
+
+def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: float, seed: int) -> tuple[Any, dict]:
+    """The patched LoRA model and a record of the patch (steps, refusal loss after each step).
+
+    AdamW at ``spec["lr"]``, batches of ``spec["batch_size"]`` probe pairs (a seeded reshuffle per
+    epoch), gradient norm clipped at 1, LoRA dropout on (train mode). ``spec["steps"]``: a fixed
+    number of steps; None: calibrate, i.e. run up to ``spec["max_steps"]`` and keep the first step
+    whose refusal loss (eval mode) is at most ``target``, or all of them if none is.
+    """
+    from splora_callback.safety import probe_loss
+
+    fixed = spec.get("steps")
+    limit = int(fixed if fixed is not None else spec["max_steps"])
+    model, trainable = patch_copy(template)
+    optimizer = torch.optim.AdamW(trainable, lr=float(spec["lr"]), weight_decay=0.0)
+    order_rng, order = random.Random(seed), []
+    batch_size = int(spec["batch_size"])
+    losses = [probe_loss(probe, model)]
+    steps = limit
+    torch.manual_seed(seed)
+    for step in range(1, limit + 1):
+        if len(order) < batch_size:
+            fresh = list(range(len(probe)))
+            order_rng.shuffle(fresh)
+            order += fresh
+        rows = torch.tensor(order[:batch_size])
+        del order[:batch_size]
+        model.train()
+        loss = model(input_ids=probe.input_ids[rows], attention_mask=probe.attention_mask[rows],
+                     labels=probe.labels[rows]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        losses.append(probe_loss(probe, model))
+        if fixed is None and losses[-1] <= target:  # calibration: stop at the first step that reaches it
+            steps = step
+            break
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    model.eval()
+    record = {
+        "steps": steps,
+        "calibrated": fixed is None,
+        "reached_target": any(value <= target for value in losses[1:steps + 1]),
+        "target_refusal_loss": target,
+        "refusal_loss_by_step": [value if math.isfinite(value) else None for value in losses],
+        "lr": float(spec["lr"]),
+        "batch_size": batch_size,
+        "pairs": len(probe),
+    }
+    return model, record
