@@ -75,7 +75,8 @@ def target_check(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[st
              and rouge_loss is not None and rouge_loss <= TARGET["rougeL_relative_loss"]
              and over is not None and over <= TARGET["over_refusal_points"] and above)
     return {"restored_share": restored, "rougeL_relative_loss": rouge_loss, "over_refusal_vs_aligned": over,
-            "above_every_control": above, "has_controls": control_max is not None, "meets_target": meets}
+            "above_every_control": above, "has_controls": control_max is not None,
+            "controls": [kind for kind, group in controls.items() if group], "meets_target": meets}
 
 
 def setting_summary(cells: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -158,12 +159,16 @@ def target_table(summary: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:+.0f} %"
 
+    def points(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:+.1f} pts"
+
     for entry in summary["entries"]:
         for seed, check in entry.get("checks", {}).items():
             lines.append(
                 f"| {entry['label']} | {seed} | {pct(check['restored_share'])} | {pct(check['rougeL_relative_loss'])} | "
-                f"{pct(check['over_refusal_vs_aligned'])} | "
-                f"{('yes' if check['above_every_control'] else 'no') if check['has_controls'] else 'no control'} | "
+                f"{points(check['over_refusal_vs_aligned'])} | "
+                f"{('yes' if check['above_every_control'] else 'no') if check['has_controls'] else 'no control'}"
+                f"{'' if 'kind-matched' in check['controls'] else ' (uniform only)'} | "
                 f"{'yes' if check['meets_target'] else 'no'} |")
     return "\n".join(lines)
 

@@ -117,7 +117,9 @@ def run_evaluation(
         )
         gap = check_against_callback(scores, callback_report)
         print(f"{len(scores.eligible())} scored layers; E-DIEM matches the callback's to {gap:.2g}")
-    context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility}
+    context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility,
+                               "callback_report": callback_report,
+                               "same_utility": run_dir(config) == output_dir}  # the run's own task probe
     patched, patch = None, None
     if any(rule.needs_model or rule.action == "patch" for rule in rules):
         from splora_callback.safety import aligned_refusal_loss
@@ -128,8 +130,8 @@ def run_evaluation(
 
         with stage("one-shot safety patch (probe pairs)", timings):
             patched, patch = one_shot_patch(template, probe, spec["one_shot_patch"], context["target"], config["seed"])
-            print(f"one-shot patch: {patch['steps']} steps, refusal loss {patch['refusal_loss_by_step'][0]:.3f} -> "
-                  f"{patch['refusal_loss_by_step'][patch['steps']]:.3f} (aligned {context['target']:.3f})")
+            print(f"one-shot patch: {patch['steps']} steps, refusal loss {patch['refusal_loss']['before']:.3f} -> "
+                  f"{patch['refusal_loss']['after']:.3f} (aligned {context['target']:.3f})")
     with stage("plan (measured stops run here)", timings):
         variants = plan_variants(scores, spec["rules"], spec["fractions"], spec["random_seeds"], context,
                                  spec.get("controls"))

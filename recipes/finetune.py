@@ -89,7 +89,10 @@ def train(
     args = training_arguments(config)
     if args.gradient_checkpointing:  # transformers 5 keeps it equal to activation_checkpointing
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
-    callback = SPLoRACallback(splora_config(config, base, probe))
+    utility = None
+    if config["splora"].get("select") in ("budget", "repair"):  # the task pairs only, as the evaluation's rules
+        utility = evaluate.task_probe(tokenizer, data["task_train"], config["evaluation"], config["seed"])
+    callback = SPLoRACallback(splora_config(config, base, probe, utility))
     trainer = Trainer(
         model=model,
         args=args,

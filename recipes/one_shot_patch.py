@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import random
 from typing import Any
 
@@ -77,19 +76,23 @@ def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: floa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
+        if fixed is None:  # calibration: measure every step, stop at the first that reaches the target
+            losses.append(probe_loss(probe, model))
+            if losses[-1] <= target:
+                steps = step
+                break
+    if fixed is not None:
         losses.append(probe_loss(probe, model))
-        if fixed is None and losses[-1] <= target:  # calibration: stop at the first step that reaches it
-            steps = step
-            break
     for parameter in trainable:
         parameter.requires_grad_(False)
     model.eval()
     record = {
         "steps": steps,
         "calibrated": fixed is None,
-        "reached_target": any(value <= target for value in losses[1:steps + 1]),
+        "reached_target": losses[-1] <= target,
         "target_refusal_loss": target,
-        "refusal_loss_by_step": [value if math.isfinite(value) else None for value in losses],
+        "refusal_loss": {"before": losses[0], "after": losses[-1]},
+        "refusal_loss_by_step": losses if fixed is None else None,  # measured only when calibrating
         "lr": float(spec["lr"]),
         "batch_size": batch_size,
         "pairs": len(probe),

@@ -217,14 +217,16 @@ def training_arguments(config: dict[str, Any]):
     return TrainingArguments(**{**defaults, **config["training_args"]})
 
 
-def splora_config(config: dict[str, Any], base: str, probe: Any | None):
-    """``SPLoRAConfig(**splora)`` with the base model and, for ``metric: probe``, the safety probe."""
+def splora_config(config: dict[str, Any], base: str, probe: Any | None, utility: Any | None = None):
+    """``SPLoRAConfig(**splora)`` with the base model and, for ``metric: probe``, the safety probe
+    (and ``utility``, the recipe's task probe, for the rules that weigh task cost)."""
     from splora_callback import SPLoRAConfig
 
     spec = dict(config["splora"])
     # one cache for the callback and the evaluation: the second build is a file read
     spec.setdefault("alignment_cache", str(Path(config["output_dir"]) / "alignment_subspace.safetensors"))
-    return SPLoRAConfig(base_model=base, probe=probe if spec.get("metric") == "probe" else None, **spec)
+    probed = spec.get("metric") == "probe"
+    return SPLoRAConfig(base_model=base, probe=probe if probed else None, utility=utility if probed else None, **spec)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def safety_utility_figure(points: Sequence[dict[str, Any]], title: str = ""):
     if len(replications) > 1:
         axes[0].set_title("marker shape = replication " + ", ".join(f"{rep} {marker_of[rep]}" for rep in replications),
                           fontsize=9)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=7)  # every model
     if title:
         figure.suptitle(title)
     return figure

@@ -59,6 +59,14 @@ def repaired(granularity: str, restore: float, scores: Any, fraction: float, con
     from splora_callback.repair import repair_selection
     from splora_callback.selection import selection_units
 
+    done = context.get("callback_report") or {}
+    same = done.get("config", {})
+    if (same.get("select") == "repair" and same.get("restore") == restore and same.get("granularity") == granularity
+            and context.get("same_utility") and (done.get("repair") or {}).get("measured_stop")):
+        # the callback measured this stop on the same weights with the same probes: reuse it
+        context.setdefault("traces", {})[f"{granularity}_repair"] = {**done["repair"]["measured_stop"],
+                                                                      "from": "callback"}
+        return [(name, index) for name, indices in done["history"][-1]["selected"].items() for index in indices]
     chosen, trace = repair_selection(context["model"], scores.with_metric("probe").with_granularity(granularity),
                                      context["probe"], context["target"], restore)
     context.setdefault("traces", {})[f"{granularity}_repair"] = trace.to_dict()
@@ -286,9 +294,17 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
         max_new_tokens_task=spec["task_max_new_tokens"],
         batch_size=spec["batch_size"],
         progress=False,
-        benign_prompts=data.get("benign_prompts"),
+        benign_prompts=data.get("benign_prompts") if _measures_over_refusal(variant, spec) else None,
         max_new_tokens_benign=spec.get("benign_max_new_tokens"),
     )
+
+
+def _measures_over_refusal(variant: Variant, spec: dict[str, Any]) -> bool:
+    """Over-refusal is measured on the rules' own models (``evaluation.over_refusal``: their names,
+    with ``aligned`` and ``lora``; all when unset), never on random controls: the verdicts compare
+    refusal rates, and the benign prompts are almost half of a model's evaluation time."""
+    wanted = spec.get("over_refusal")
+    return variant.control is None and (wanted is None or variant.rule in wanted)
 
 
 def _cached(result: dict[str, Any]) -> dict[str, Any]:

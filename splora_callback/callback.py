@@ -46,7 +46,7 @@ from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
-from .repair import repair_selection
+from .repair import predicted_repair, repair_selection
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks
 from .scoring import LayerScores
@@ -267,9 +267,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         ``EarlyStoppingCallback`` does: ``control.should_training_stop``).
         """
         every = self.config.score_every_n_steps
-        if ((every and state.global_step % every == 0) or state.global_step >= state.max_steps
-                or (self.config.prune_at_checkpoints and control.should_save)):
-            self._score(args, state, model)
+        acts = state.global_step >= state.max_steps or (self.config.prune_at_checkpoints and control.should_save)
+        if (every and state.global_step % every == 0) or acts:
+            self._score(args, state, model, measured=acts)
         if self._safety.rate_due(state.global_step, state.max_steps):
             scalars, alerts = self._safety.measure_rate(model, state.global_step)
             if state.is_world_process_zero:
@@ -299,7 +299,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         adapter, so resuming from it stays exact) and before the user's ``trainer.save_model()``,
         which therefore writes the pruned adapter.
         """
-        self._latest_scores(args, state, model, rescore=args.load_best_model_at_end)
+        unmeasured = self.config.select == "repair" and bool(self.history) and "repair_trace" not in self.history[-1]
+        self._latest_scores(args, state, model, rescore=args.load_best_model_at_end or unmeasured)
         self.selected = copy.deepcopy(self.history[-1]["selected"])
         config = self.config
         refused = config.prune_at_end and preflight.refusal_to_prune_everything(
@@ -362,16 +363,21 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             logger.warning("SPLoRA: %s", text)
             self._trackers.alert(f"SPLoRA: {alert['signal'].replace('_', ' ')} alert at step {alert['step']}", text)
 
-    def _score(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> LayerScores:
+    def _score(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
+               measured: bool = True) -> LayerScores:
+        """Score, select and log. ``select="repair"``: the measured stop where the selection is acted
+        on (``measured``), its first-order stand-in at the other scoring steps (no forward passes)."""
         start = time.perf_counter()
         scores = self.compute_scores(model)
         seconds = time.perf_counter() - start
         entry: dict[str, Any] = {"step": state.global_step, "seconds": seconds}
-        if self.config.select == "repair":  # measured: forward passes with units masked, every rank alike
-            selected, trace = repair_selection(model, scores, self.config.probe,
-                                               self._safety.monitor.aligned_refusal_loss, self.config.restore,
+        aligned_loss = self._safety.monitor.aligned_refusal_loss
+        if self.config.select == "repair" and measured:  # forward passes with units masked, every rank alike
+            selected, trace = repair_selection(model, scores, self.config.probe, aligned_loss, self.config.restore,
                                                self.config.adapter_name)
             entry["repair_trace"] = trace.to_dict()
+        elif self.config.select == "repair":
+            selected = predicted_repair(scores, aligned_loss, self.config.restore)
         else:
             selected = select_layers(scores, **self.config.selection_kwargs())
         self.history.append({**entry, "selected": selected, "scores": scores.to_dict()})

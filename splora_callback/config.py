@@ -33,9 +33,10 @@ class SPLoRAConfig:
         default=None,
         metadata={"help": "Aligned checkpoint; default: the live model's frozen base weights."},
     )
-    metric: Literal["ediem", "cosine", "probe", "signed"] = field(
-        default="ediem",
-        metadata={"help": "Score that drives selection: ediem (SPLoRA), cosine (Safe LoRA), probe, signed."},
+    metric: Literal["ediem", "cosine", "probe", "signed"] | None = field(
+        default=None,
+        metadata={"help": "Score that drives selection: ediem (SPLoRA), cosine (Safe LoRA), probe, signed. "
+                          "Default: probe when a probe is given, else ediem."},
     )
     null: Literal["layers", "permutation"] = field(
         default="layers", metadata={"help": "E-DIEM null: same-shape peer layers, or row permutations of B."}
@@ -48,9 +49,10 @@ class SPLoRAConfig:
                           "`restore` of the refusal-loss gap to the aligned model is closed (forward passes). "
                           "Default: inferred from the one of k, threshold, budget given, else fraction."},
     )
-    granularity: Literal["layer", "component"] = field(
-        default="layer",
-        metadata={"help": "Act on whole LoRA layers, or on the rank-one components of their updates (spec 3c)."},
+    granularity: Literal["layer", "component"] | None = field(
+        default=None,
+        metadata={"help": "Act on whole LoRA layers, or on the rank-one components of their updates (spec 3c). "
+                          "Default: component for select='repair', else layer."},
     )
     budget: float | None = field(
         default=None,
@@ -63,12 +65,18 @@ class SPLoRAConfig:
                           "safety probe) the repair must undo, measured (0.8 = 80 %)."},
     )
     k: int | None = field(default=None, metadata={"help": "select='top_k': number of layers."})
-    fraction: float | None = field(default=0.25, metadata={"help": "select='fraction': share of scored layers."})
+    fraction: float | None = field(
+        default=None, metadata={"help": "select='fraction': share of scored layers (default 0.25)."}
+    )
     threshold: float | None = field(
         default=None, metadata={"help": "select='threshold': E-DIEM > t (cosine < t, probe > t)."}
     )
-    action: Literal["prune", "project", "none"] = field(
-        default="prune", metadata={"help": "prune (SPLoRA), project (Safe LoRA) or none (monitor only)."}
+    action: Literal["prune", "project", "none"] | None = field(
+        default=None,
+        metadata={"help": "prune (SPLoRA), project (Safe LoRA) or none (monitor only). Default (docs/efficacy.md): "
+                          "prune with a safety probe (metric='probe'); without one, none: selection by E-DIEM or "
+                          "cosine was no better than a random choice of the same module kinds, so it is not "
+                          "acted on unless action='prune' is passed."},
     )
     adapter_name: str | None = field(default=None, metadata={"help": "Adapter to score; default: the active one."})
     score_every_n_steps: int = field(default=50, metadata={"help": "Scoring interval in optimizer steps (0: only at the end)."})
@@ -141,11 +149,19 @@ class SPLoRAConfig:
                 "TrainingArguments.seed). The alias will be removed in 0.3.", FutureWarning, stacklevel=3,
             )
             self.permutation_seed = seed
+        if self.metric is None:
+            self.metric = "probe" if self.probe is not None else "ediem"
         _check_choice("metric", self.metric, METRICS)
         _check_choice("null", self.null, NULLS)
         self._infer_select()
         _check_choice("select", self.select, SELECTS)
+        if self.select == "fraction" and self.fraction is None:
+            self.fraction = 0.25
+        if self.granularity is None:
+            self.granularity = "component" if self.select == "repair" else "layer"
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.action is None:
+            self.action = "prune" if self.metric == "probe" else "none"
         _check_choice("action", self.action, ACTIONS)
         _check_choice("alignment_dtype", self.alignment_dtype, DTYPES)
         _check_choice("alignment_placement", self.alignment_placement, PLACEMENTS)
@@ -195,20 +211,23 @@ class SPLoRAConfig:
     def _infer_select(self) -> None:
         """``select`` from the one selection option given (``k=10`` alone means top_k); an option
         the chosen ``select`` would ignore is an error, never silently dropped."""
-        given = [name for name in ("k", "threshold", "budget") if getattr(self, name) is not None]
+        given = [name for name in ("k", "fraction", "threshold", "budget") if getattr(self, name) is not None]
         if self.select is None:
-            inferred = {(): "fraction", ("k",): "top_k", ("threshold",): "threshold", ("budget",): "budget",
-                        ("k", "budget"): "budget"}.get(tuple(given))
+            # nothing given: the measured repair with a probe (the study's best pruning rule), else fraction
+            default = "repair" if self.metric == "probe" else "fraction"
+            inferred = {(): default, ("k",): "top_k", ("fraction",): "fraction", ("threshold",): "threshold",
+                        ("budget",): "budget", ("k", "budget"): "budget"}.get(tuple(given))
             if inferred is None:
                 raise ValueError(
                     f"SPLoRAConfig: {' and '.join(f'{name}={getattr(self, name)!r}' for name in given)} are both "
                     "set; pass select= ('top_k', 'threshold' or 'budget') to say which one selects the layers."
                 )
             self.select = inferred
-        uses = {"top_k": ("k",), "threshold": ("threshold",), "budget": ("budget", "k")}.get(self.select, ())
+        uses = {"top_k": ("k",), "fraction": ("fraction",), "threshold": ("threshold",),
+                "budget": ("budget", "k")}.get(self.select, ())
         for name in given:
             if name not in uses:
-                wanted = {"k": "top_k", "threshold": "threshold", "budget": "budget"}[name]
+                wanted = {"k": "top_k", "fraction": "fraction", "threshold": "threshold", "budget": "budget"}[name]
                 raise ValueError(
                     f"SPLoRAConfig.{name}={getattr(self, name)!r} is set but select={self.select!r} ignores it; "
                     f"pass select={wanted!r} to select by {name}, or drop {name}."
@@ -226,16 +245,20 @@ class SPLoRAConfig:
         """What the callback will do with this config, in one sentence, and whether to warn about it:
         acting by a geometric score (E-DIEM, cosine, signed), which the efficacy study found no
         better than a random choice of the same module kinds (docs/efficacy.md)."""
-        how = {"top_k": f"the top {self.k}", "fraction": f"{self.fraction:.0%}", "threshold": f"those past {self.threshold}",
-               "budget": f"a budget of {self.budget} x the task loss (predicted)",
-               "repair": f"a measured stop at {self.restore:.0%} of the refusal-loss increase undone"}[self.select]
+        how = {"top_k": lambda: f"the top {self.k}", "fraction": lambda: f"{self.fraction:.0%}",
+               "threshold": lambda: f"those past {self.threshold}",
+               "budget": lambda: f"a budget of {self.budget} x the task loss (predicted)",
+               "repair": lambda: f"a measured stop at {self.restore:.0%} of the refusal-loss increase undone",
+               }[self.select]()
         when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
                                             ("at the end of training", self.prune_at_end)) if on) or "never"
         scored = f"scores every {self.score_every_n_steps} steps" if self.score_every_n_steps else "scores at the end"
-        enable = ("To repair, pass probe=SafetyProbe.from_pairs(...) with metric='probe', select='repair', "
-                  "granularity='component' (docs/efficacy.md).")
+        enable = ("To repair, pass probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs): the default rule "
+                  "is then the measured component repair (select='repair', docs/efficacy.md).")
         if self.action == "none" or when == "never":
-            return f"SPLoRA monitors only ({scored}, metric {self.metric}; nothing is acted on). {enable}", False
+            anyway = (f" (action='prune' would prune {how} by {self.metric}; the efficacy study found that no better "
+                      "than a random choice of the same module kinds)") if self.metric != "probe" else ""
+            return f"SPLoRA monitors only ({scored}, metric {self.metric}; nothing is acted on{anyway}). {enable}", False
         target = f"{self.granularity}s" if self.granularity == "component" else "LoRA layers"
         text = f"SPLoRA will {self.action} {how} of the {target} by {self.metric} {when} ({scored})."
         if self.metric == "probe":

@@ -33,9 +33,9 @@ from .probe import ProbeSet
 from .pruning import _lora_layer, kept_components
 from .safety import probe_loss
 from .scoring import LayerScores
-from .selection import Selection, as_selection, budget_order
+from .selection import Selection, as_selection, attributions, budget_order
 
-__all__ = ["RepairTrace", "masked_units", "measured_stop", "repair_selection", "restore_target"]
+__all__ = ["RepairTrace", "masked_units", "measured_stop", "predicted_repair", "repair_selection", "restore_target"]
 
 
 def restore_target(current: float, aligned: float, restore: float) -> float:
@@ -221,3 +221,20 @@ def repair_selection(
     target = restore_target(current, aligned_loss, restore)
     return measured_stop(model, budget_order(scores), probe, target, adapter_name=adapter_name,
                          granularity=scores.granularity)
+
+
+def predicted_repair(scores: LayerScores, aligned_loss: float, restore: float) -> Selection:
+    """The first-order stand-in for :func:`repair_selection` (no forward pass): the shortest prefix of
+    the budget order whose summed safety gains ``a`` reach ``restore`` of the refusal-loss gap.
+    What the callback logs at intermediate scoring steps; the measured stop runs where it acts."""
+    current = scores.losses.get("refusal")
+    if current is None:
+        raise ValueError("select='repair' needs the safety probe's refusal loss: score with probe=SafetyProbe(...).")
+    wanted = current - restore_target(current, aligned_loss, restore)
+    gains, taken, total = attributions(scores), [], 0.0
+    for unit in budget_order(scores):
+        if total >= wanted:
+            break
+        taken.append(unit)
+        total += gains[unit][0]
+    return as_selection(taken, scores.granularity)

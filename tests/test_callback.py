@@ -68,7 +68,8 @@ def lora_model(aligned_dir, dropout: float = 0.0):
 
 def config(base_dir, **overrides) -> SPLoRAConfig:
     return SPLoRAConfig(
-        **{"base_model": str(base_dir), "select": "top_k", "k": 3, "score_every_n_steps": 4, **overrides}
+        **{"base_model": str(base_dir), "select": "top_k", "k": 3, "action": "prune", "score_every_n_steps": 4,
+           **overrides}
     )
 
 

@@ -33,7 +33,8 @@ def test_base_model_required_for_geometric_metrics():
 
 def test_defaults_and_serialisation():
     config = SPLoRAConfig(base_model="base", select="top_k", k=10)
-    assert config.selection_kwargs() == {"select": "top_k", "k": 10, "fraction": 0.25, "threshold": None}
+    assert config.selection_kwargs() == {"select": "top_k", "k": 10, "fraction": None, "threshold": None}
+    assert config.action == "none"  # no probe: monitor only (docs/efficacy.md)
     data = config.to_dict()
     assert data["probe"] is None and data["metric"] == "ediem"
     assert SPLoRAConfig(**{key: value for key, value in data.items() if key != "probe"}) == config

@@ -54,7 +54,11 @@ def test_efficacy_driver_smoke_real_model(tmp_path):
     assert set(recipe_config.load_config(ROOT / "recipes/configs/efficacy-a.yaml")["evaluation"]["rules"]) <= rules
     assert results["one_shot_patch"]["calibrated"] and results["one_shot_patch"]["steps"] >= 1
     assert "component_repair" in results["repair_traces"]
-    assert all(len(row["over_refusals"]) == 4 and len(row["refusals"]) == 4 for row in results["rows"])
+    assert all(len(row["refusals"]) == 4 for row in results["rows"])
+    over_refusal = set(recipe_config.load_config(ROOT / "recipes/configs/efficacy-a.yaml")["evaluation"]["over_refusal"])
+    for row in results["rows"]:  # measured on the rules' own models only, never on controls
+        measured = row["control"] is None and row["rule"] in over_refusal
+        assert (row["over_refusals"] is not None and len(row["over_refusals"]) == 4) == measured, row["label"]
     report = (tmp_path / "report" / "efficacy.md").read_text()
     assert "component repair, measured stop" in report and "kind-matched" in report
     assert (tmp_path / "report" / "efficacy-a.png").is_file()

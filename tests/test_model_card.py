@@ -37,7 +37,8 @@ def trained(pair, tmp_path_factory):
     """A finished run (pruned at the end, acted copies at checkpoints) and its saved adapter."""
     out = tmp_path_factory.mktemp("run") / "out"
     ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
-    callback = SPLoRACallback(base_model=str(pair[0]), select="top_k", k=3, score_every_n_steps=4, probe=probe(),
+    callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=3, action="prune",
+                              score_every_n_steps=4, probe=probe(),
                               prune_at_checkpoints=True)
     torch.manual_seed(0)
     trainer = Trainer(model=add_lora(LlamaForCausalLM.from_pretrained(pair[1])), callbacks=[callback],

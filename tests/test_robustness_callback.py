@@ -57,7 +57,7 @@ def make_trainer(pair, dataset, output_dir, callbacks, targets=("q_proj", "k_pro
 
 
 def config(pair, **overrides) -> SPLoRAConfig:
-    return SPLoRAConfig(**{"base_model": str(pair[0]), "k": 3, "score_every_n_steps": 3, **overrides})
+    return SPLoRAConfig(**{"base_model": str(pair[0]), "k": 3, "action": "prune", "score_every_n_steps": 3, **overrides})
 
 
 def lora_count(model) -> int:

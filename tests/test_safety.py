@@ -126,7 +126,7 @@ def run(pair, dataset, output_dir, callback, **overrides):
 
 def test_refusal_loss_is_logged_at_every_scoring_step_with_its_aligned_reference(pair, dataset, tmp_path):
     probe = make_probe()
-    callback = SPLoRACallback(base_model=str(pair[0]), select="top_k", k=2, score_every_n_steps=4, probe=probe,
+    callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=2, action="prune", score_every_n_steps=4, probe=probe,
                               refusal_loss_alert=100.0)
     trainer = run(pair, dataset, tmp_path / "out", callback)
     losses = [entry["scores"]["losses"]["refusal"] for entry in callback.history]
@@ -143,7 +143,7 @@ def test_refusal_loss_is_logged_at_every_scoring_step_with_its_aligned_reference
 
 def test_early_stop_stops_training_after_patience_checks_past_the_alert(pair, dataset, tmp_path, caplog):
     # a level below the aligned loss: every check is past it, so the stop must come at the 2nd check
-    callback = SPLoRACallback(base_model=str(pair[0]), select="top_k", k=2, score_every_n_steps=2,
+    callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=2, action="prune", score_every_n_steps=2,
                               probe=make_probe(), refusal_loss_alert=-50.0, early_stopping_patience=2)
     trainer = run(pair, dataset, tmp_path / "out", callback)
     assert trainer.state.global_step == 4 and [entry["step"] for entry in callback.history] == [2, 4]
@@ -168,7 +168,7 @@ def tokenizer():
 def test_refusal_rate_is_measured_on_its_schedule_and_can_stop_training(pair, dataset, tmp_path):
     prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
     # w0..w99 hold no refusal keyword: the rate is 0 < 0.5 at every check, so patience 2 stops at step 6
-    callback = SPLoRACallback(base_model=str(pair[0]), select="top_k", k=2, score_every_n_steps=4,
+    callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=2, action="prune", score_every_n_steps=4,
                               refusal_prompts=prompts, refusal_every_n_steps=3, refusal_max_new_tokens=4,
                               refusal_rate_alert=0.5, early_stopping_patience=2)
     args = {"output_dir": str(tmp_path / "out"), "max_steps": 12, "per_device_train_batch_size": 4,
@@ -185,7 +185,7 @@ def test_refusal_rate_is_measured_on_its_schedule_and_can_stop_training(pair, da
 
 
 def test_refusal_prompts_without_a_tokenizer_fail_before_the_first_step(pair, dataset, tmp_path):
-    callback = SPLoRACallback(base_model=str(pair[0]), select="top_k", k=2, refusal_prompts=["w1"],
+    callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=2, action="prune", refusal_prompts=["w1"],
                               refusal_every_n_steps=3)
     with pytest.raises(ValueError, match="refusal_prompts needs the tokenizer.*processing_class=tokenizer"):
         run(pair, dataset, tmp_path / "out", callback)

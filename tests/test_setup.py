@@ -50,9 +50,16 @@ def test_keywords_build_the_same_callback_as_a_config():
 def test_no_arguments_means_infer_the_base_and_safe_defaults():
     callback = SPLoRACallback()
     assert callback.config.base_model == AUTO and callback.config.select == "fraction"
-    assert callback.config.action == "prune" and callback.config.alignment_placement == "stream"
+    assert callback.config.action == "none" and callback.config.alignment_placement == "stream"  # monitor only
+    plan, doubtful = callback.config.plan()
+    assert plan.startswith("SPLoRA monitors only") and "probe=SafetyProbe" in plan and not doubtful
     probe_only = SPLoRACallback(metric="probe", probe=object())
     assert probe_only.config.base_model is None  # the probe needs no geometry
+    repair = SPLoRACallback(probe=object())  # a probe alone: the study's default rule, E-DIEM still scored
+    assert (repair.config.metric, repair.config.select, repair.config.granularity, repair.config.action) == (
+        "probe", "repair", "component", "prune")
+    assert repair.config.base_model == AUTO
+    assert SPLoRACallback(base_model="b", k=3, action="prune").config.plan()[1]  # E-DIEM pruning: warned
 
 
 def test_known_pairs_answer_offline_and_fast():
