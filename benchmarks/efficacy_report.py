@@ -199,5 +199,29 @@ def write_report(root: Path, settings: Sequence[str], seeds: Sequence[int], resu
                   setting_table(summary), "", target_table(summary), "",
                   f"![safety-utility, setting {setting}](efficacy-{setting}.png)", ""]
     (results_dir / "efficacy.json").write_text(json.dumps(study, indent=1))
+    (results_dir / "efficacy-summary.md").write_text(summary_table(study) + "\n")
     (results_dir / "efficacy.md").write_text("\n".join(parts))
     return study
+
+
+SUMMARY_RULES = ("aligned", "lora", "ediem", "cosine", "probe", "component_budget", "component_repair", "one_shot_patch")
+
+
+def summary_table(study: dict[str, Any]) -> str:
+    """The README's table: per setting, the references and the main rules, mean [min, max] over replications."""
+    lines = ["| setting | model | refusal | over-refusal | ROUGE-L | beats kind-matched / uniform | meets target |",
+             "|" + "---|" * 7]
+    for setting, summary in study["settings"].items():
+        reps = len(summary["replications"])
+        for entry in summary["entries"]:
+            if entry["rule"] not in SUMMARY_RULES:
+                continue
+            if entry["rule"] in RULES:
+                matched = f"{entry['beats_kind-matched']}" if entry["kind-matched"]["seeds"] else "-"
+                beats = f"{matched} / {entry['beats_uniform']} of {reps}"
+                meets = f"{sum(check['meets_target'] for check in entry['checks'].values())} of {reps}"
+            else:
+                beats = meets = ""
+            lines.append(f"| {setting} | {entry['label']} | {_spread(entry['refusal_rate'])} | "
+                         f"{_spread(entry['over_refusal_rate'])} | {_spread(entry['rougeL'])} | {beats} | {meets} |")
+    return "\n".join(lines)

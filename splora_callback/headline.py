@@ -136,7 +136,7 @@ def _loss_verdict(summary: dict[str, Any]) -> str:
             "weakens refusals.")
     after = summary["after_action"].get("refusal_loss")
     if after is None:
-        return text + (" Act on it: prune or repair (metric='probe', select='budget'), lower the learning rate, mix "
+        return text + (" Act on it: repair (select='repair', the default with a probe), lower the learning rate, mix "
                        "in refusal examples, or stop earlier (early_stopping_patience).")
     if after >= last:
         return text + (f" The action did not lower it ({after:.3f} after): try metric='probe' (the probe picks the "

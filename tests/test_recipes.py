@@ -635,7 +635,8 @@ def test_cpu_demo_smoke_real_model(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     config = recipe_config.read_config(CONFIGS / "cpu-demo-smoke.yaml")
     spec = config["evaluation"]
-    controlled = [rule for rule in spec["rules"] if rule in spec["controls"]]  # the patch selects nothing
+    chose = {row["rule"] for row in saved["rows"] if row["control"] is None and row["n_layers"]}
+    controlled = [rule for rule in spec["rules"] if rule in spec["controls"] and rule in chose]  # an empty choice has none
     per_fraction = len(spec["rules"]) + (len(controlled) + 1) * len(spec["random_seeds"])
     assert len(saved["rows"]) == 2 + len(spec["fractions"]) * per_fraction == len(results["rows"])
     assert len(saved["scores"]["layers"]) == 120
