@@ -53,7 +53,7 @@ def test_without_a_probe_the_headline_says_there_is_no_direct_signal_and_how_to_
     ({"losses": (0.4, 0.41, 0.42)}, r"ended at 0.420 \(\+0.020 vs aligned\), within 10% above the aligned model.s 0.400\."),
     ({"after": 0.6}, r"past 10% above .* weakens refusals\. The action took 80% of that rise back \(0.600 after\)"),
     ({"after": 1.5}, r"The action did not lower it \(1.500 after\): try metric='probe'"),
-    ({"after": None}, r"Act on it: prune or repair"),
+    ({"after": None}, r"Act on it: repair \(select=.repair."),
     ({"level": 2.0}, r"within its alert level 2.000"),
 ])
 def test_verdict_says_what_to_do(kwargs, expected):
