@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("all", "report"):
         from efficacy_report import write_report
 
-        write_report(args.root, args.settings, args.seeds, args.results)
+        # every finished cell, not only this run's: a partial run must not shrink the committed report
+        write_report(args.root, list(SETTINGS), sorted(set(args.seeds) | {0, 1, 2}), args.results)
     print(f"[efficacy] done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
