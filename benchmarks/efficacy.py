@@ -8,7 +8,9 @@ Each cell is one folder ``outputs/efficacy/<setting>/seed<N>``, run in two subpr
 ``recipes/finetune.py --train-only`` (writes ``training.json`` last) and ``recipes/evaluate.py``
 (writes ``results.json`` last, and caches every evaluated model in ``variants.jsonl`` as it
 finishes). A finished piece is never redone, so the study resumes where it was stopped; delete a
-cell's folder to redo it. Cells run replication-major (every setting of seed 0 first).
+cell's folder to redo it. An evaluation whose ``results.json`` was written with another config
+(e.g. controls added to the YAML) runs again, reusing every model already evaluated with the same
+inputs (``variants.jsonl``). Cells run replication-major (every setting of seed 0 first).
 
 The report stage reads every finished cell and writes ``benchmarks/results/efficacy.json``,
 ``efficacy.md`` (tables) and ``efficacy.png`` (safety-utility figure). It needs the machine to
@@ -56,19 +58,48 @@ def patch_steps(setting: str, seed: int, root: Path) -> list[str]:
     return [f"evaluation.one_shot_patch.steps={steps}"]
 
 
+def same_config(ran: object, current: object) -> bool:
+    """Whether a config as run (``results.json``) is ``current``; what ``current`` leaves null or
+    unset matches what the run filled in (``model.base``, ``splora.alignment_cache``, ...)."""
+    if current is None:
+        return True
+    if isinstance(current, dict):
+        return isinstance(ran, dict) and all(same_config(ran.get(key), value) for key, value in current.items())
+    return ran == current
+
+
+def evaluated_with(folder: Path, setting: str, overrides: list[str]) -> bool:
+    """Whether the cell's ``results.json`` exists and was written with the config it would run now.
+    The callback's section (``splora``) is the training's: it does not change the unpruned LoRA
+    (``adapter-lora/``) the evaluation reads; a new training needs the cell's folder deleted."""
+    from recipe_config import load_config
+
+    done = folder / "results.json"
+    if not done.is_file():
+        return False
+    current = json.loads(json.dumps(load_config(ROOT / SETTINGS[setting], overrides), default=str))
+    ran = json.loads(done.read_text())["config"]
+    return same_config({**ran, "splora": None}, {**current, "splora": None})
+
+
 def run_cell(setting: str, seed: int, root: Path, stages: set[str], overrides: list[str]) -> dict:
     """Train and evaluate one cell unless already done; returns the wall times and loads of what ran."""
     folder = cell_dir(setting, seed, root)
-    common = [SETTINGS[setting], "--override", f"seed={seed}", f"output_dir={folder}", *overrides]
+    cell = [f"seed={seed}", f"output_dir={folder}", *overrides]
+    common = [SETTINGS[setting], "--override", *cell]
     ran = {}
     for name, script, done in (
         ("train", "recipes/finetune.py", "training.json"),
         ("evaluate", "recipes/evaluate.py", "results.json"),
     ):
-        if name not in stages or (folder / done).is_file():
+        if name not in stages:
+            continue
+        extra = ["--train-only"] if name == "train" else patch_steps(setting, seed, root)
+        if name == "train" and (folder / done).is_file():
+            continue
+        if name == "evaluate" and evaluated_with(folder, setting, cell + extra):
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        extra = ["--train-only"] if name == "train" else patch_steps(setting, seed, root)
         command = [sys.executable, script, *common, *extra]
         load, start = os.getloadavg()[0], time.perf_counter()
         print(f"[efficacy] {setting}/seed{seed} {name} (load {load:.2f}): {' '.join(command)}", flush=True)

@@ -88,12 +88,12 @@ def main() -> None:
                                            prompts=probe.prompts, batch_size=args.batch)
 
     def probe_full_logits() -> None:
-        saved = probe_module._accepts_logits_to_keep
-        probe_module._accepts_logits_to_keep = lambda model: False
+        saved = probe_module.accepts_logits_mask
+        probe_module.accepts_logits_mask = lambda model: False
         try:
             full_logits.attribute(model)
         finally:
-            probe_module._accepts_logits_to_keep = saved
+            probe_module.accepts_logits_mask = saved
 
     calls = {f"train step, {args.batch} x {seq} tokens": (lambda seq=seq: train_step(seq)) for seq in args.seq}
     calls["probe, logits at response positions (default)"] = lambda: probe.attribute(model)

@@ -25,7 +25,7 @@ import torch
 from recipe_config import argument_parser, load_config, setup_environment, stage
 from recipe_data import prepare
 from results import render_results, write_results
-from variants import RULES, check_lora_effect, evaluate_variants, plan_variants
+from variants import RULES, callback_stop, check_lora_effect, evaluate_variants, plan_variants
 
 # --------------------------------------------------------------------------------------------------
 # Scores and the whole stage
@@ -63,6 +63,30 @@ def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: dict
     pairs = random.Random(seed).sample(list(task_train), count)
     return UtilityProbe.from_pairs(tokenizer, pairs, max_length=int(spec.get("utility_max_length", 256)),
                                    batch_size=int(spec.get("utility_batch_size", 10)))
+
+
+# Settings that choose which models are evaluated, not what one model's evaluation gives.
+PLAN_ONLY = ("rules", "fractions", "random_seeds", "controls", "workers", "run_dir")
+
+
+def cache_fingerprint(config: dict[str, Any], aligned: str, data: dict[str, Any]) -> str:
+    """sha256 of what one cached evaluation (a line of ``variants.jsonl``) depends on: the trained
+    adapter's bytes, the aligned model (a local folder: its files' names, sizes and modification
+    times; a Hub id as given), the dtype and seed, the evaluation settings that change a result and every prompt set."""
+    import hashlib
+
+    from splora_callback.layers import ADAPTER_WEIGHTS
+
+    digest = hashlib.sha256((run_dir(config) / "adapter-lora" / ADAPTER_WEIGHTS).read_bytes())
+    folder = Path(aligned)  # its files, not the alignment caches recipe_data keeps next to them
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                   if not p.name.startswith("alignment_subspace")) if folder.is_dir() else []
+    spec = {key: value for key, value in config["evaluation"].items() if key not in PLAN_ONLY}
+    inputs = {"aligned": [str(aligned), files], "dtype": config["model"]["dtype"], "seed": config["seed"],
+              "evaluation": spec, "probe": config["probe"],
+              "prompts": {key: data[key] for key in ("eval_prompts", "task_eval", "benign_prompts", "probe_prompts")}}
+    digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def check_against_callback(scores: Any, callback_report: dict[str, Any], tolerance: float = 1e-4) -> float:
@@ -108,23 +132,29 @@ def run_evaluation(
         cache = config["splora"].get("alignment_cache") or output_dir / "alignment_subspace.safetensors"
         alignment = AlignmentSubspace.from_pretrained(base, model=template, cache_file=cache, progress=False)
         rules = [RULES[rule] for rule in spec["rules"] if rule in RULES]
+        same_utility = run_dir(config) == output_dir  # the run's own task probe
+        # the probes' attributions, unless the only rules that need them reuse the callback's stop
+        probing = [rule for rule in rules if rule.needs_probe and not (
+            rule.measured and callback_stop(callback_report, *rule.measured, same_utility) is not None)]
         utility = task_probe(tokenizer, data["task_train"], spec, config["seed"]) if any(
-            rule.needs_utility for rule in rules) else None
+            rule.needs_utility for rule in probing) else None
         granularity = "component" if any(rule.granularity == "component" for rule in rules) else "layer"
         scores = score_layers(
-            template, alignment, "ediem", null=config["splora"].get("null", "layers"), probe=probe,
-            utility=utility, granularity=granularity,
+            template, alignment, "ediem", null=config["splora"].get("null", "layers"),
+            probe=probe if probing else None, utility=utility, granularity=granularity,
         )
         gap = check_against_callback(scores, callback_report)
         print(f"{len(scores.eligible())} scored layers; E-DIEM matches the callback's to {gap:.2g}")
     context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility,
-                               "callback_report": callback_report,
-                               "same_utility": run_dir(config) == output_dir}  # the run's own task probe
+                               "callback_report": callback_report, "same_utility": same_utility}
     patched, patch = None, None
     if any(rule.needs_model or rule.action == "patch" for rule in rules):
         from splora_callback.safety import aligned_refusal_loss
 
-        context["target"] = aligned_refusal_loss(probe, template)
+        measured = (callback_report.get("safety") or {}).get("aligned_refusal_loss")
+        same_probe = callback_report.get("config", {}).get("probe") == repr(probe)
+        # the callback measured it at train start with this probe on the same aligned weights
+        context["target"] = measured if same_probe and measured is not None else aligned_refusal_loss(probe, template)
     if "one_shot_patch" in spec["rules"]:
         from one_shot_patch import one_shot_patch
 
@@ -151,6 +181,7 @@ def run_evaluation(
             ),
             patched=patched,
             cache_file=output_dir / "variants.jsonl",
+            fingerprint=cache_fingerprint(config, aligned, data),
         )
     return {
         "base": base,

@@ -10,36 +10,11 @@ of setting (a)); the efficacy driver then passes that number to every other run,
 
 from __future__ import annotations
 
-import copy
-import itertools
 import random
 from typing import Any
 
 import torch
-
-
-def patch_copy(template: Any) -> Any:
-    """A copy of the trained PEFT model whose LoRA factors are new, trainable tensors; every other
-    parameter (the frozen aligned weights) is shared with ``template``, which stays untouched."""
-    from splora_callback.layers import iter_lora_layers, resolve_adapter_name
-
-    adapter = resolve_adapter_name(template)
-    lora = [
-        p
-        for _, layer in iter_lora_layers(template, adapter)
-        for p in itertools.chain(layer.lora_A[adapter].parameters(), layer.lora_B[adapter].parameters())
-    ]
-    lora_ids = {id(p) for p in lora}
-    shared = {id(p): p for p in template.parameters() if id(p) not in lora_ids}
-    model = copy.deepcopy(template, memo=shared)
-    trainable = [
-        p
-        for _, layer in iter_lora_layers(model, adapter)
-        for p in itertools.chain(layer.lora_A[adapter].parameters(), layer.lora_B[adapter].parameters())
-    ]
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    return model, trainable
+from variants import lora_copy
 
 
 def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: float, seed: int) -> tuple[Any, dict]:
@@ -54,7 +29,9 @@ def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: floa
 
     fixed = spec.get("steps")
     limit = int(fixed if fixed is not None else spec["max_steps"])
-    model, trainable = patch_copy(template)
+    model, trainable = lora_copy(template)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=float(spec["lr"]), weight_decay=0.0)
     order_rng, order = random.Random(seed), []
     batch_size = int(spec["batch_size"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import json
 import multiprocessing
 import time
@@ -51,22 +50,33 @@ def budgeted(granularity: str, budget: float, scores: Any, fraction: float) -> l
     return selection_units(chosen)
 
 
+def callback_stop(callback_report: dict[str, Any] | None, granularity: str, restore: float,
+                  same_utility: bool) -> list | None:
+    """The units of the measured stop the callback ran at the end of training, when it is the one
+    this rule would measure (same rule, ``restore``, granularity, probes and weights); else None."""
+    done = callback_report or {}
+    same = done.get("config", {})
+    if (same.get("select") == "repair" and same.get("restore") == restore and same.get("granularity") == granularity
+            and same_utility and (done.get("repair") or {}).get("measured_stop")):
+        return [(name, index) for name, indices in done["history"][-1]["selected"].items() for index in indices]
+    return None
+
+
 def repaired(granularity: str, restore: float, scores: Any, fraction: float, context: dict[str, Any]) -> list:
     """``select="repair"`` (``splora_callback.repair.repair_selection``): units in budget order, the
     shortest prefix whose measured refusal loss has closed ``restore`` of the gap between the trained
     LoRA's and the aligned model's. ``context``: the trained model, the safety probe and the aligned
-    refusal loss; the stop's trace goes into ``context["traces"]``."""
+    refusal loss; the stop's trace goes into ``context["traces"]``. The callback's own stop is reused
+    when it is the same (:func:`callback_stop`)."""
     from splora_callback.repair import repair_selection
     from splora_callback.selection import selection_units
 
-    done = context.get("callback_report") or {}
-    same = done.get("config", {})
-    if (same.get("select") == "repair" and same.get("restore") == restore and same.get("granularity") == granularity
-            and context.get("same_utility") and (done.get("repair") or {}).get("measured_stop")):
-        # the callback measured this stop on the same weights with the same probes: reuse it
+    done = context.get("callback_report")
+    reused = callback_stop(done, granularity, restore, bool(context.get("same_utility")))
+    if reused is not None:
         context.setdefault("traces", {})[f"{granularity}_repair"] = {**done["repair"]["measured_stop"],
                                                                       "from": "callback"}
-        return [(name, index) for name, indices in done["history"][-1]["selected"].items() for index in indices]
+        return reused
     chosen, trace = repair_selection(context["model"], scores.with_metric("probe").with_granularity(granularity),
                                      context["probe"], context["target"], restore)
     context.setdefault("traces", {})[f"{granularity}_repair"] = trace.to_dict()
@@ -82,16 +92,22 @@ def no_units(scores: Any, fraction: float) -> list:
 class Rule:
     """A selection rule: ``choose(scores, fraction)`` returns the units to act on with ``action``:
     layer names, or ``(layer, component index)`` pairs when ``granularity="component"``.
-    ``needs_utility``: the rule uses the utility probe's scores (the evaluation then runs it).
-    ``needs_model``: ``choose`` also takes the evaluation's context (the trained model, the probes
-    and the aligned refusal loss), for rules that measure as they choose."""
+    ``needs_probe`` / ``needs_utility``: the rule uses the safety / utility probe's scores (the
+    evaluation then computes them). ``measured``: ``(granularity, restore)`` of a rule that measures
+    as it chooses; ``choose`` then also takes the evaluation's context (the trained model, the
+    probes and the aligned refusal loss)."""
 
     choose: Callable[..., Sequence[Any]]
     action: str
     label: str
     granularity: str = "layer"
+    needs_probe: bool = False
     needs_utility: bool = False
-    needs_model: bool = False
+    measured: tuple[str, float] | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        return self.measured is not None
 
 
 # The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a function
@@ -101,17 +117,17 @@ RULES: dict[str, Rule] = {
     "cosine": Rule(functools.partial(top_fraction, "cosine"), "prune", "Safe LoRA cosine, prune"),
     "safe_lora_project": Rule(functools.partial(top_fraction, "cosine"), "project", "Safe LoRA cosine, project"),
     "signed": Rule(functools.partial(top_fraction, "signed"), "prune", "signed diagnostic, prune (experimental)"),
-    "probe": Rule(functools.partial(top_fraction, "probe"), "prune", "safety probe, prune"),
+    "probe": Rule(functools.partial(top_fraction, "probe"), "prune", "safety probe, prune", needs_probe=True),
     "layer_budget": Rule(functools.partial(budgeted, "layer", 0.05), "prune",
-                         "layer probe + utility, budget 5 %, prune", needs_utility=True),
+                         "layer probe + utility, budget 5 %, prune", needs_probe=True, needs_utility=True),
     "component_probe": Rule(functools.partial(top_components, "probe"), "prune",
-                            "component safety probe, prune", granularity="component"),
+                            "component safety probe, prune", granularity="component", needs_probe=True),
     "component_budget": Rule(functools.partial(budgeted, "component", 0.05), "prune",
                              "component probe + utility, budget 5 %, prune", granularity="component",
-                             needs_utility=True),
+                             needs_probe=True, needs_utility=True),
     "component_repair": Rule(functools.partial(repaired, "component", 0.8), "prune",
                              "component repair, measured stop (80 % of refusal loss)", granularity="component",
-                             needs_utility=True, needs_model=True),
+                             needs_probe=True, needs_utility=True, measured=("component", 0.8)),
     "one_shot_patch": Rule(no_units, "patch", "one-shot safety patch (probe pairs)"),
 }
 METRICS = ("refusal_rate", "over_refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
@@ -215,24 +231,37 @@ def plan_variants(
     return variants
 
 
-def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:
-    """A fresh copy of the trained LoRA model with ``action`` applied to ``layers``; ``template`` is untouched.
+def lora_copy(template: Any) -> tuple[Any, list[torch.nn.Parameter]]:
+    """A copy of the trained PEFT model and its active adapter's LoRA factors; ``template`` is untouched.
 
     Only the module tree and the LoRA factors are copied; every other parameter (the frozen aligned
-    weights) is shared with ``template``: ``prune`` swaps modules and ``project`` rewrites ``lora_B``,
-    neither writes a shared tensor, so the copy costs the LoRA parameters only.
+    weights) is shared with ``template``, so the copy costs the LoRA parameters only. Whatever is
+    done to the copy must not write a shared tensor (pruning swaps modules, projecting rewrites
+    ``lora_B``, the one-shot patch trains the LoRA factors).
     """
-    from splora_callback import apply_action
     from splora_callback.layers import iter_lora_layers, resolve_adapter_name
 
     adapter = resolve_adapter_name(template)
-    lora = {
-        id(p)
-        for _, layer in iter_lora_layers(template, adapter)
-        for p in itertools.chain(layer.lora_A.parameters(), layer.lora_B.parameters())
-    }
+
+    def factors(model: Any, active_only: bool) -> list[torch.nn.Parameter]:
+        return [
+            p
+            for _, layer in iter_lora_layers(model, adapter)
+            for factor in (layer.lora_A, layer.lora_B)
+            for p in (factor[adapter] if active_only else factor).parameters()
+        ]
+
+    lora = {id(p) for p in factors(template, active_only=False)}
     shared = {id(p): p for p in template.parameters() if id(p) not in lora}
     model = copy.deepcopy(template, memo=shared)
+    return model, factors(model, active_only=True)
+
+
+def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:
+    """A fresh copy of the trained LoRA model (:func:`lora_copy`) with ``action`` applied to ``layers``."""
+    from splora_callback import apply_action
+
+    model, _ = lora_copy(template)
     apply_action(model, alignment, layers, action)
     return model
 
@@ -341,16 +370,19 @@ def evaluate_variants(
     check: Any = None,
     patched: Any = None,
     cache_file: Any = None,
+    fingerprint: str = "",
 ) -> list[dict[str, Any]]:
     """Evaluate every variant (identical models once); ``check(rows)`` runs after aligned and LoRA.
 
     ``patched``: the one-shot patch's LoRA model (variants with ``action="patch"``). ``cache_file``:
-    a JSONL file that gets one line per evaluated model as it finishes; models already in it are
-    not evaluated again (a stopped evaluation resumes). Delete it when the inputs change.
+    a JSONL file that gets one line per evaluated model as it finishes, tagged with ``fingerprint``
+    (``evaluate.cache_fingerprint``: the adapter, the aligned model, the settings and prompts);
+    models already in it with the same fingerprint are not evaluated again (a stopped evaluation
+    resumes), lines of other inputs (a retrained adapter, other prompts) are never reused.
 
-    The first two variants (aligned, LoRA) run in this process, so the premise check stops a failed
-    run early. The rest run in ``spec["workers"]`` forked processes (Linux) when it is above 1: each
-    inherits the loaded models and uses ``torch threads / workers`` threads. Generation of this
+    The first two variants (aligned, LoRA) run first, so the premise check stops a failed run early;
+    then the rest. With ``spec["workers"]`` above 1 they run in that many forked processes (Linux):
+    each inherits the loaded models and uses ``torch threads / workers`` threads. Generation of this
     small model is latency-bound at batch 12-24, so 2 one-thread processes evaluate 1.3x faster than
     one two-thread process on 2 cores (docs/demo.md). Results do not depend on the worker count.
 
@@ -373,12 +405,18 @@ def evaluate_variants(
         first.setdefault(variant.key, variant)
     distinct = list(first.values())
     results: dict[tuple, tuple[dict[str, Any], float]] = {}
-    cache = {}
+    cache, stale = {}, 0
     if cache_file is not None and Path(cache_file).is_file():
         for line in Path(cache_file).read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if record.get("fingerprint") != fingerprint:
+                    stale += 1
+                    continue
                 cache[record["key"]] = (_restored(record["result"]), record["seconds"])
+    if stale:
+        print(f"{cache_file}: {stale} cached evaluation(s) of other inputs (adapter, models, prompts or settings) "
+              "not reused")
     head = [variant for variant in distinct[:2] if variant.cache_key not in cache]
     rest = [variant for variant in distinct[2:] if variant.cache_key not in cache]
     for variant in distinct:
@@ -389,7 +427,8 @@ def evaluate_variants(
         if cache_file is not None:
             result, seconds = results[variant.key]
             with Path(cache_file).open("a") as handle:
-                handle.write(json.dumps({"key": variant.cache_key, "result": _cached(result), "seconds": seconds}) + "\n")
+                handle.write(json.dumps({"key": variant.cache_key, "fingerprint": fingerprint,
+                                         "result": _cached(result), "seconds": seconds}) + "\n")
 
     def report(variant: Variant, result: dict[str, Any], seconds: float) -> None:
         print(
@@ -399,32 +438,33 @@ def evaluate_variants(
             flush=True,
         )
 
+    def finish(variant: Variant, outcome: tuple[dict[str, Any], float]) -> None:
+        results[variant.key] = outcome
+        store(variant)
+        report(variant, *outcome)
+
+    workers = min(int(spec.get("workers", 1)), max(len(head), len(rest)))
+    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        print(f"evaluation.workers={workers} needs the 'fork' start method (Linux): evaluating in this process")
+        workers = 1
     try:
-        for variant in head:
-            results[variant.key] = _timed(variant)
-            store(variant)
-            report(variant, *results[variant.key])
-        if check is not None:
-            check(_rows(variants[:2], results))
-        workers = min(int(spec.get("workers", 1)), len(rest))
-        if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
-            print(f"evaluation.workers={workers} needs the 'fork' start method (Linux): evaluating in this process")
-            workers = 1
         if workers > 1:
             threads = max(1, torch.get_num_threads() // workers)
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-                futures = {pool.submit(_timed, variant): variant for variant in rest}
-                for future in as_completed(futures):
-                    variant = futures[future]
-                    results[variant.key] = future.result()
-                    store(variant)
-                    report(variant, *results[variant.key])
+                for batch in (head, rest):  # the premise check between them, before most of the work
+                    futures = {pool.submit(_timed, variant): variant for variant in batch}
+                    for future in as_completed(futures):
+                        finish(futures[future], future.result())
+                    if batch is head and check is not None:
+                        check(_rows(variants[:2], results))
         else:
+            for variant in head:
+                finish(variant, _timed(variant))
+            if check is not None:
+                check(_rows(variants[:2], results))
             for variant in rest:
-                results[variant.key] = _timed(variant)
-                store(variant)
-                report(variant, *results[variant.key])
+                finish(variant, _timed(variant))
     finally:
         _SHARED.clear()  # the models stay with the caller, not with this module
     return _rows(variants, results)

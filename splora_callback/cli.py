@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__
 from ._io import (
@@ -94,15 +94,28 @@ def _alignment(args: argparse.Namespace, names: list[str], fan_in_fan_out: bool)
     )
 
 
-def _score(args: argparse.Namespace):
+class Scored(NamedTuple):
+    """What scoring an adapter gives the commands; ``model`` and ``probe``: the loaded aligned
+    model with the adapter and the safety probe, when ``--probe-prompts`` scored it (else None)."""
+
+    scores: LayerScores
+    alignment: Any
+    config: dict[str, Any]
+    state_dict: dict[str, Any]
+    model: Any = None
+    probe: Any = None
+
+
+def _score(args: argparse.Namespace) -> Scored:
     from .layers import lora_updates_from_adapter
     from .scoring import score_updates
 
     if getattr(args, "probe_prompts", None):
         return _score_with_probes(args)
-    if getattr(args, "granularity", "layer") != "layer" or getattr(args, "budget", None) is not None:
-        raise ValueError("--granularity component and --budget need the safety probe: pass --probe-prompts FILE "
-                         "(and --utility-examples FILE for --budget).")
+    if getattr(args, "granularity", "layer") != "layer" or getattr(args, "budget", None) is not None \
+            or getattr(args, "restore", None) is not None:
+        raise ValueError("--granularity component, --budget and --restore need the safety probe: pass "
+                         "--probe-prompts FILE (and --utility-examples FILE for --budget and --restore).")
     if not args.base:
         raise ValueError("--base BASE is required (the unaligned model ALIGNED was aligned from), unless "
                          "--probe-prompts scores the adapter with the safety probe.")
@@ -112,7 +125,7 @@ def _score(args: argparse.Namespace):
     updates, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
     alignment = _alignment(args, [update.name for update in updates], bool(config.get("fan_in_fan_out")))
     scores = score_updates(updates, alignment, args.metric, null=args.null, seed=args.seed)
-    return scores, alignment, config, state_dict
+    return Scored(scores, alignment, config, state_dict)
 
 
 def read_pairs(path: str, response_key: str, default_response: Callable[[list[str]], list[str]] | None = None,
@@ -178,12 +191,15 @@ def _score_with_probes(args: argparse.Namespace):
         alignment = _alignment(args, names, bool(config.get("fan_in_fan_out")))
     scores = score_layers(model, alignment, "probe", null=args.null, seed=args.seed, probe=safety, utility=utility,
                           granularity=args.granularity)
-    return scores, alignment, config, state_dict
+    return Scored(scores, alignment, config, state_dict, model, safety)
 
 
-def _selection(args: argparse.Namespace, scores: LayerScores):
+def _selection(args: argparse.Namespace, scored: Scored):
     from .selection import select_layers
 
+    scores = scored.scores
+    if getattr(args, "restore", None) is not None:
+        return _measured_repair(args, scored)
     if getattr(args, "budget", None) is not None:
         return select_layers(scores, "budget", budget=args.budget, k=args.top_k)
     if args.top_k is not None:
@@ -195,8 +211,40 @@ def _selection(args: argparse.Namespace, scores: LayerScores):
     return []
 
 
+def _check_restore(args: argparse.Namespace) -> None:
+    """``--restore`` chooses its own count and needs both probes: refused before anything loads."""
+    if getattr(args, "restore", None) is None:
+        return
+    given = [flag for flag, value in (("--budget", args.budget), ("--top-k", args.top_k), ("--fraction", args.fraction),
+                                      ("--threshold", args.threshold)) if value is not None]
+    if given:
+        raise ValueError(f"--restore measures its own number of units: drop {' and '.join(given)}.")
+    if args.probe_prompts is None or args.utility_examples is None:
+        raise ValueError("--restore measures refusals with the safety probe and orders units by safety gain per unit "
+                         "of task cost: pass --probe-prompts FILE and --utility-examples FILE.")
+
+
+def _measured_repair(args: argparse.Namespace, scored: Scored):
+    """``--restore``: the shortest prefix of the budget order whose measured refusal loss closes that
+    share of the gap to the aligned model's (``select="repair"``, docs/components.md)."""
+    from .repair import repair_selection
+    from .safety import aligned_refusal_loss
+
+    aligned = aligned_refusal_loss(scored.probe, scored.model)
+    chosen, trace = repair_selection(scored.model, scored.scores, scored.probe, aligned, args.restore)
+    reached = [m["loss"] for m in trace.measurements if m["probe"] == "refusal" and m["count"] == trace.chosen]
+    print(f"measured stop: {trace.chosen} of {trace.available} {scored.scores.granularity} units ({trace.reason}); "
+          f"refusal loss {scored.scores.losses['refusal']:.4f} -> {reached[-1] if reached else float('nan'):.4f}, "
+          f"target {trace.target:.4f} (aligned model {aligned:.4f}); {len(trace.measurements)} forward passes",
+          file=sys.stderr)
+    return chosen
+
+
 def why_nothing_selected(args: argparse.Namespace, scores: LayerScores) -> str:
     """Which of the ways to select no layer happened, and what to do about it."""
+    if getattr(args, "restore", None) is not None:
+        return (f"Nothing selected: the adapter's refusal loss on the probe is already within --restore "
+                f"{args.restore} of the aligned model's; there is nothing to repair.")
     if getattr(args, "budget", None) is not None:
         return (f"Nothing selected: no {scores.granularity} lowers the refusal loss within --budget {args.budget} "
                 "of the task loss (first order); pass a larger --budget, or --top-k.")
@@ -250,8 +298,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         check_output_path(args.json, _inputs(args), what="--json")
         check_writable(args.json, "--json")
     table = sys.stderr if to_stdout else sys.stdout
-    scores, _, _, _ = _score(args)
-    chosen = _selection(args, scores)
+    scored = _score(args)
+    scores, chosen = scored.scores, _selection(args, scored)
     print(format_table(scores, chosen, args.sort), file=table)
     counts = {status: sum(s.status == status for s in scores) for status in ("active", "inactive", "no_alignment")}
     print(f"\n{len(scores)} LoRA layers: {counts}; metric={args.metric}, null={args.null}; higher E-DIEM = more suspect.",
@@ -271,6 +319,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pruning import acted_adapter, write_adapter
     from .selection import selection_size
 
+    _check_restore(args)
     _resolve_aligned(args)
     output = Path(args.output)
     check_output_path(output, _inputs(args), what="--output")
@@ -280,8 +329,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise OutputExistsError(f"Output directory {args.output} already exists; pass --overwrite to replace it.")
     check_writable(output.parent, "--output's parent folder", directory=True)
-    scores, alignment, config, state_dict = _score(args)
-    chosen = _selection(args, scores)
+    scored = _score(args)
+    scores, alignment, config, state_dict = scored.scores, scored.alignment, scored.config, scored.state_dict
+    chosen = _selection(args, scored)
     if not chosen:
         raise ValueError(why_nothing_selected(args, scores))
     acted, acted_cfg = acted_adapter(state_dict, config, chosen, args.action, alignment)  # refuses pruning every layer
@@ -290,7 +340,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lambda: write_adapter(args.output, acted, acted_cfg, overwrite=args.overwrite)
     )
     selection = next(f"`--{name.replace('_', '-')} {value}`" for name, value in
-                     (("budget", getattr(args, "budget", None)), ("top_k", args.top_k), ("fraction", args.fraction),
+                     (("restore", getattr(args, "restore", None)), ("budget", getattr(args, "budget", None)),
+                      ("top_k", args.top_k), ("fraction", args.fraction),
                       ("threshold", args.threshold))
                      if value is not None)
     metric = "probe" if getattr(args, "probe_prompts", None) else args.metric
@@ -334,7 +385,20 @@ examples:
   splora report out                                                     # out/splora_report.html again
   splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \
       --granularity component --budget 0.05 --output out/repaired       # loads the model (docs/components.md)
+  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \
+      --granularity component --restore 0.8 --output out/repaired       # measured stop (docs/efficacy.md)
 """
+
+
+def _fraction_arg(text: str) -> float:
+    """A share in (0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value:g}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     probes.add_argument("--budget", type=float,
                         help="select by safety gain per unit of task cost until the predicted task-loss increase "
                              "reaches this share of the task loss (e.g. 0.05); --top-k caps the count")
+    probes.add_argument("--restore", type=_fraction_arg, metavar="SHARE",
+                        help="measured repair (select='repair', the default rule with a probe): units in budget "
+                             "order, the fewest whose removal closes this share (e.g. 0.8) of the gap between the "
+                             "adapter's refusal loss and the aligned model's, measured by forward passes; needs "
+                             "--utility-examples")
     probes.add_argument("--max-length", type=int, default=256, help="tokens per probe example")
     prune.add_argument("--action", choices=["prune", "project"], default="prune")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

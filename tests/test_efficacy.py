@@ -28,6 +28,27 @@ SMOKE = [  # cpu-demo-smoke.yaml's sizes, as overrides of every cell
 ]
 
 
+def test_driver_reevaluates_a_cell_whose_config_changed(tmp_path):
+    # what the config leaves null or unset matches what the run filled in; any other change re-runs
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import efficacy
+
+    ran = {"seed": 1, "model": {"base": "/cache/base", "dtype": "float32"}, "splora": {"alignment_cache": "x.st"},
+           "evaluation": {"controls": ["ediem"], "one_shot_patch": {"lr": 4e-4}}}
+    current = {"seed": 1, "model": {"base": None, "dtype": "float32"}, "splora": {},
+               "evaluation": {"controls": ["ediem"], "one_shot_patch": {"lr": 4e-4, "steps": None}}}
+    assert efficacy.same_config(ran, current)
+    assert not efficacy.same_config(ran, {**current, "evaluation": {**current["evaluation"], "controls": ["probe"]}})
+    assert not efficacy.same_config(ran, {**current, "model": {"base": None, "dtype": "bfloat16"}})
+    folder = tmp_path / "a" / "seed0"
+    assert not efficacy.evaluated_with(folder, "a", ["seed=0"])  # no results.json yet
+    config = recipe_config.load_config(ROOT / "recipes" / "configs" / "efficacy-a.yaml", ["seed=0"])
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config}, default=str))
+    assert efficacy.evaluated_with(folder, "a", ["seed=0"])
+    assert not efficacy.evaluated_with(folder, "a", ["seed=0", "evaluation.random_seeds=[0]"])
+
+
 @pytest.mark.parametrize("setting", ["a", "b", "c"])
 def test_efficacy_configs_parse_with_known_rules(setting):
     config = recipe_config.load_config(ROOT / "recipes" / "configs" / f"efficacy-{setting}.yaml", ["seed=2"])

@@ -282,6 +282,48 @@ def test_generate_applies_chat_template(model, tokenizer, monkeypatch):
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [2, 3, 5])
+def test_shared_prefix_generation_equals_plain_left_padding(family, batch_size, tokenizer):
+    # Fast path: the prompts' common prefix ("<s> system : w9 w9 </s> <s> user :", or the chat
+    # template's "<s> user :") runs once and its cache is repeated per row. Float64 reference: plain
+    # left-padded generation of the same prompts; GPT-2 checks learned absolute positions.
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    if family == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=V, bos_token_id=2, eos_token_id=3)
+        net = LlamaForCausalLM(config)
+    else:
+        net = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64,
+                                         bos_token_id=2, eos_token_id=3))
+    net = net.double().eval()
+    prompts = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13", "w14 w15 w16 w17", "w1 w2 w3 w4 w5"]
+    system = "<s> system : w9 w9 </s> "
+    tokenizer.chat_template = system + CHAT_TEMPLATE
+    seen: list[int] = []
+    handle = net.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    fast = generate(net, tokenizer, prompts, max_new_tokens=4, batch_size=batch_size, progress=False)
+    handle.remove()
+    plain = generate(net, tokenizer, prompts, max_new_tokens=4, batch_size=batch_size, progress=False,
+                     share_prefix=False)
+    assert [g.text for g in fast] == [g.text for g in plain]
+    assert [g.token_entropy for g in fast] == pytest.approx([g.token_entropy for g in plain], abs=1e-10)
+    # each batch: one pass over the 9 shared tokens, then its own tokens only, then one token per step
+    assert seen[:2] == [9, max(len(p.split()) for p in prompts[:batch_size]) + 4]
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def test_shared_prefix_length_keeps_a_token_per_row():
+    from splora_callback.evaluation import _shared_prefix_length
+
+    assert _shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert _shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is run
+    assert _shared_prefix_length([[7, 2], [1, 2]]) == 0
+
+
 def test_generate_rejects_bad_sizes(model, tokenizer):
     with pytest.raises(ValueError, match="must be >= 1, got 0, 8"):
         generate(model, tokenizer, ["w1"], max_new_tokens=0)

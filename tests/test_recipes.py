@@ -442,7 +442,7 @@ def test_load_variant_equals_the_acted_peft_model_and_leaves_the_template(traine
         torch.testing.assert_close(eval_model(input_ids=ids).logits, template(input_ids=ids).logits)
 
 
-def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny, tokenizer, monkeypatch):
+def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny, tokenizer, monkeypatch, tmp_path):
     import os
 
     from transformers import AutoModelForCausalLM
@@ -467,8 +467,7 @@ def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny,
 
     one, two = run(1), run(2)
     assert {row["_result"]["pid"] for row in one} == {os.getpid()}
-    assert {row["_result"]["pid"] for row in two[:2]} == {os.getpid()}  # aligned, LoRA: premise first, here
-    assert os.getpid() not in {row["_result"]["pid"] for row in two[2:]}  # the rest in worker processes
+    assert os.getpid() not in {row["_result"]["pid"] for row in two}  # all in worker processes
     assert [row["rule"] for row in premises[0]] == ["aligned", "lora"] == [row["rule"] for row in premises[1]]
     assert len(one) == len(two) == len(variants)
     texts = [[g.text for g in row["_result"]["safety_generations"] + row["_result"]["task_generations"]] for row in one]
@@ -477,6 +476,15 @@ def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny,
     ]
     assert [row["mean_token_entropy"] for row in one] == pytest.approx([row["mean_token_entropy"] for row in two])
     assert len({tuple(t) for t in texts}) > 1  # the variants are different models
+    # the premise check runs after aligned and LoRA, before the rest: a failed premise stops there
+    def failed(rows):
+        raise RuntimeError("premise failed")
+
+    eval_model = AutoModelForCausalLM.from_pretrained(aligned_dir).eval()
+    with pytest.raises(RuntimeError, match="premise failed"):
+        recipe_variants.evaluate_variants(variants, template, eval_model, tokenizer, alignment, data,
+                                          {**spec, "workers": 2}, check=failed, cache_file=tmp_path / "v.jsonl")
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 2
 
 
 def test_check_lora_effect_names_what_failed():
@@ -569,6 +577,7 @@ def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeyp
     assert "kind-matched random (3 seeds)" in text and "## Probe prompts (4;" in text
     assert "Does a rule beat chance?" in text and "Module kinds of each rule's own choice" in text
     # evaluate.py alone, on the finished run: the same inputs rebuilt, the same models, the same numbers
+    cached_before = len((out / "variants.jsonl").read_text().splitlines())
     again = evaluate.main([str(CONFIGS / "tiny-test.yaml")])
     metrics = ("layers", "action", *recipe_variants.METRICS)
     assert [{k: row[k] for k in metrics} for row in again["rows"]] == [
@@ -579,6 +588,11 @@ def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeyp
     (out / "results.md").unlink()
     evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--report-only"])
     assert (out / "results.md").read_text() == text
+    # variants.jsonl: the rerun reused every cached model; other settings reuse none of them
+    lines = (out / "variants.jsonl").read_text().splitlines()
+    assert len(lines) == cached_before == len({json.loads(line)["key"] for line in lines})
+    evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--override", "evaluation.task_max_new_tokens=2"])
+    assert len((out / "variants.jsonl").read_text().splitlines()) == 2 * len(lines)
 
 
 def test_recipe_with_wandb_logs_dashboard_and_results_to_one_offline_run(tmp_path, monkeypatch):
