@@ -365,7 +365,7 @@ def attribute_slice(
         if count == 0 and passes is None:
             continue
         with torch.enable_grad(), _captured_outputs(modules) as outputs:
-            logits = _response_logits(model, batch_ids, batch_mask, targets_mask)
+            logits = response_logits(model, batch_ids, batch_mask, targets_mask)
             captured = [(index, output) for index, calls in enumerate(outputs) for output in calls]
         with torch.enable_grad():
             # fp32 at least: a token loss summed in bf16 loses the small differences we attribute
@@ -495,7 +495,7 @@ def _lengths(attention_mask: torch.Tensor) -> list[int]:
     return (positions * (attention_mask != 0)).amax(dim=1).tolist() if width else []
 
 
-def _response_logits(
+def response_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets_mask: torch.Tensor
 ) -> torch.Tensor:
     """(number of True in ``targets_mask``, vocab) logits at the positions that predict a response token.

@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from .data import IGNORE_INDEX
 from .evaluation import generate, refusal_rate
-from .probe import ProbeSet, _response_logits, preserved_state
+from .probe import ProbeSet, preserved_state, response_logits
 from .sharding import unwrap_parallel
 
 logger = logging.get_logger(__name__)
@@ -83,7 +83,7 @@ def probe_loss(probe: ProbeSet, model: nn.Module) -> float:
             targets = labels[:, 1:] != IGNORE_INDEX
             if not targets.any():
                 continue
-            logits = _response_logits(module, ids.to(device), mask.to(device), targets.to(device))
+            logits = response_logits(module, ids.to(device), mask.to(device), targets.to(device))
             # fp32 at least: a bf16 sum of token losses loses the differences the signal tracks
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             total += float(F.cross_entropy(logits, labels[:, 1:][targets].to(device), reduction="sum"))
