@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wait-load", type=float, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed run of each command")
     args = parser.parse_args()
     script = shutil.which("splora")
     console = [script] if script else [sys.executable, "-m", "splora_callback.cli"]
@@ -45,7 +46,7 @@ def main() -> None:
     wait_for_load(args.wait_load)
     load_before = load_text()
     seconds = {name: [] for name in commands}
-    for command in commands.values():
+    for command in commands.values() if not args.no_warmup else ():
         wall(command)  # untimed: warm the file cache
     for _ in range(args.repeats):  # interleaved
         for name, command in commands.items():
@@ -55,7 +56,8 @@ def main() -> None:
     body = "\n\n".join([
         "## CLI start-up (`benchmarks/cli_startup.py`)",
         header(load_before),
-        f"- {args.repeats} interleaved runs of each command, a fresh process each, after one untimed run "
+        f"- {args.repeats} interleaved runs of each command, a fresh process each"
+        f"{'' if args.no_warmup else ', after one untimed run'} "
         f"(console script: `{' '.join(console)}`)",
         markdown_table(["command", "median s", "min-max s"], rows),
         f"Target `splora --help` < {TARGET_S:g} s: {help_s:.2f} s, {'met' if help_s < TARGET_S else 'MISSED'}. "

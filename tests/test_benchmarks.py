@@ -1,5 +1,8 @@
 """Every benchmark script runs end to end at a smoke size and prints its table (RESULTS.md untouched).
 
+Each runs as ``__main__`` in its own process, forked from a warm interpreter (``cli_process.py``:
+a fresh one spends ~10 s importing torch, transformers and peft).
+
 The numbers mean nothing at this size; what is checked is that ``python benchmarks/<script>.py``
 still reproduces a table with the columns and the target verdicts RESULTS.md shows.
 """
@@ -7,11 +10,10 @@ still reproduces a table with the columns and the target verdicts RESULTS.md sho
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -52,7 +54,7 @@ SMOKE = {
          "--threads", "1"],
         ["aligned reference: probe loss, adapter off", "refusal rate: 2 prompts x 2 new tokens", "x training step"],
     ),
-    "cli_startup.py": (["--repeats", "1"], ["`splora --help`", "Target `splora --help` < 1 s"]),
+    "cli_startup.py": (["--repeats", "1", "--no-warmup"], ["`splora --help`", "Target `splora --help` < 1 s"]),
 }
 
 
@@ -62,10 +64,7 @@ def test_benchmark_script_prints_its_table(script, tmp_path):
     arguments, expected = SMOKE[script]
     before = (BENCHMARKS / "RESULTS.md").read_text()
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *arguments, "--no-write"],
-        cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=600,
-    )
+    done = run_script(BENCHMARKS / script, [*arguments, "--no-write"], cwd=BENCHMARKS, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for text in expected:
         assert text in done.stdout, f"{script}: {text!r} missing from its output"

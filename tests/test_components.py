@@ -422,9 +422,8 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     """`splora prune --probe-prompts --utility-examples --granularity component --budget` on a saved
     adapter: a loadable adapter whose touched modules have lower ranks, the input untouched."""
     import json
-    import subprocess
-    import sys
 
+    from cli_process import splora
     from test_probe import make_tokenizer
 
     aligned_dir, adapter_dir, output = tmp_path / "aligned", tmp_path / "adapter", tmp_path / "repaired"
@@ -446,12 +445,9 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     (tmp_path / "task.jsonl").write_text("\n".join(
         json.dumps({"prompt": " ".join(words[i:i + 6]), "response": " ".join(words[i + 6:i + 10])})
         for i in range(0, 24, 2)))
-    done = subprocess.run(
-        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
+    done = splora("prune", str(adapter_dir), "--probe-prompts",
          str(tmp_path / "probe.jsonl"), "--utility-examples", str(tmp_path / "task.jsonl"),
-         "--granularity", "component", "--budget", "0.5", "--output", str(output)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
+         "--granularity", "component", "--budget", "0.5", "--output", str(output), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank-one components in" in done.stdout
     assert (adapter_dir / "adapter_model.safetensors").read_bytes() == before
@@ -461,12 +457,9 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     PeftModel.from_pretrained(tiny_llama(seed=5), output)  # loads
 
     # --restore: the measured stop (select="repair"); its count is the callback's on the same model
-    restored = subprocess.run(
-        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
+    restored = splora("prune", str(adapter_dir), "--probe-prompts",
          str(tmp_path / "probe.jsonl"), "--utility-examples", str(tmp_path / "task.jsonl"),
-         "--granularity", "component", "--restore", "0.8", "--output", str(tmp_path / "restored")],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
+         "--granularity", "component", "--restore", "0.8", "--output", str(tmp_path / "restored"), timeout=300)
     assert restored.returncode == 0, restored.stderr[-2000:]
     stop = re.search(r"measured stop: (\d+) of (\d+) component units \((refusal restored|order exhausted)\)",
                      restored.stderr)
@@ -474,20 +467,15 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     pruned = sum(4 - update.rank for update in lora_updates_from_adapter(tmp_path / "restored")[0])
     assert pruned == int(stop[1]) and f"{stop[1]} rank-one components in" in restored.stdout
     assert "--restore 0.8" in (tmp_path / "restored" / "README.md").read_text()
-    mixed = subprocess.run(
-        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
-         str(tmp_path / "probe.jsonl"), "--restore", "0.8", "--top-k", "2", "--output", str(tmp_path / "z")],
-        capture_output=True, text=True, timeout=300)
+    mixed = splora("prune", str(adapter_dir), "--probe-prompts",
+         str(tmp_path / "probe.jsonl"), "--restore", "0.8", "--top-k", "2", "--output", str(tmp_path / "z"), timeout=300)
     assert mixed.returncode == 2 and "--restore measures its own number of units: drop --top-k" in mixed.stderr
     assert not (tmp_path / "z").exists()
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--granularity", "component",
-         "--top-k", "3", "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    bad = splora("prune", str(adapter_dir), "--granularity", "component",
+         "--top-k", "3", "--output", str(tmp_path / "x"), timeout=120)
     assert bad.returncode == 2 and "need the safety probe: pass --probe-prompts" in bad.stderr
     (tmp_path / "broken.jsonl").write_text('{"prompt": "w1"}\n[1, 2]\n')
-    broken = subprocess.run(
-        [sys.executable, "-m", "splora_callback.cli", "prune", str(adapter_dir), "--probe-prompts",
-         str(tmp_path / "broken.jsonl"), "--top-k", "1", "--output", str(tmp_path / "y")],
-        capture_output=True, text=True, timeout=300)
+    broken = splora("prune", str(adapter_dir), "--probe-prompts",
+         str(tmp_path / "broken.jsonl"), "--top-k", "1", "--output", str(tmp_path / "y"), timeout=300)
     assert broken.returncode == 2 and "broken.jsonl:2: expected an object" in broken.stderr

@@ -25,6 +25,7 @@ SMOKE = [  # cpu-demo-smoke.yaml's sizes, as overrides of every cell
     "splora.score_every_n_steps=2", "probe.batch_size=4", "evaluation.harmful_max_new_tokens=4",
     "evaluation.benign_max_new_tokens=4", "evaluation.task_max_new_tokens=8", "evaluation.random_seeds=[0]",
     "evaluation.benign_count=4", "evaluation.require_lora_effect=false", "evaluation.one_shot_patch.max_steps=2",
+    "evaluation.utility_examples=4",
 ]
 
 

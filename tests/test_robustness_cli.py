@@ -1,15 +1,15 @@
 """Issue #13, the command line: bad inputs and faults a new user hits, each run in a real process.
 
-Every case runs ``splora`` in a subprocess and checks the exit status, that stderr ends in one
+Every case runs ``splora`` in its own process (forked from a warm interpreter that imported torch,
+transformers and peft once: ``cli_process.py``) and checks the exit status, that stderr ends in one
 ``splora <command>: error: ...`` line naming the file / field / value (no traceback), and that no
 input changed. Faults that cannot be provoked for real on a CI machine are injected into that
 process before the CLI starts (``inject=``): a disk-full write raises ``OSError(ENOSPC)``; a kill
 is a ``SIGKILL`` the process sends itself at the exact moment; "permission denied" is what
 ``os.open``/``os.mkdir``/``open`` raise for another user's files (the tests run as root, which
 ignores file modes; a read-only folder is also made for real, with ``chattr +i`` as root or
-``chmod 0555`` otherwise: ``faults.read_only``). A process start costs ~10 s here, so the
-long tail of malformed inputs runs the CLI's entry point once per case inside one process
-(:func:`splora_many`).
+``chmod 0555`` otherwise: ``faults.read_only``). The long tail of malformed inputs runs the CLI's
+entry point once per case inside one process (:func:`splora_many`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run, splora
 from faults import read_only
 from safetensors.torch import load_file, save_file
 from tiny import add_lora, plant_updates
 from transformers import AutoModelForCausalLM
 
-ENTRY = "import sys\n{inject}\nfrom splora_callback.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 MANY = """
 import contextlib, io, json, sys, traceback
 from splora_callback.cli import main
@@ -47,17 +45,9 @@ print("RESULTS" + json.dumps(results))
 """
 
 
-def splora(*args, inject: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``splora ARGS`` in a new process (with ``inject`` run first, to provoke a fault)."""
-    command = [sys.executable, "-m", "splora_callback.cli"] if inject is None else [
-        sys.executable, "-c", ENTRY.format(inject=inject)]
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
 def splora_many(*argvs) -> list[dict]:
     """Each argv through ``splora_callback.cli.main`` (the console entry point), in one process."""
-    result = subprocess.run([sys.executable, "-c", MANY, json.dumps([[str(a) for a in argv] for argv in argvs])],
-                            capture_output=True, text=True, timeout=600)
+    result = run(MANY, [json.dumps([[str(a) for a in argv] for argv in argvs])], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULTS", 1)[1])
 
