@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import difflib
 import logging
@@ -251,28 +249,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-
-
-def keep_freed_memory() -> bool:
-    """CPU runs: let glibc keep the memory torch frees in the process instead of handing it back to
-    the OS, so the next step's activations reuse pages already mapped (no ``mmap`` per large
-    tensor, heap trimmed only past 2 GiB). Arithmetic is unchanged; measured on the demo model's
-    LoRA steps (2 cores): page faults halved, steps 10-14 % faster. True where applied (glibc only).
-    """
-    library = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(library) if library else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return all(libc.mallopt(option, value) == 1
-               for option, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20)))
-
-
 def setup_environment(config: dict[str, Any]) -> None:
     """Seed everything, show the library's progress logs, set W&B's project and mode (used when
-    ``training_args.report_to`` has ``wandb``; variables already set win); on a machine without a
-    GPU, :func:`keep_freed_memory`."""
+    ``training_args.report_to`` has ``wandb``; variables already set win)."""
     import torch
     from transformers import set_seed
 
@@ -280,8 +259,6 @@ def setup_environment(config: dict[str, Any]) -> None:
     for name in ("splora_callback", "demo_models"):
         logging.getLogger(name).setLevel(logging.INFO)
     set_seed(config["seed"])
-    if not torch.cuda.is_available():
-        keep_freed_memory()
     if config.get("torch_threads"):  # 1 is much faster on a busy shared CPU (see docs/demo.md)
         torch.set_num_threads(config["torch_threads"])
     wandb = config.get("wandb") or {}

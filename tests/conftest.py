@@ -24,6 +24,34 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread in every test, restored after one that changes it (two OpenMP threads on a
+    loaded 2-core machine made a 64 x 64 matmul ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(base_dir, aligned_dir): a saved tiny Llama and its aligned copy (planted rank-2 V), per module."""
+    from tiny import llama_attention_names, save_pair, tiny_llama
+
+    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
+    return base_dir, aligned_dir
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """32 random sequences of 16 tokens, labels = inputs: what the tiny Trainer runs train on."""
+    from datasets import Dataset
+
+    ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
 @pytest.fixture(scope="session")
 def llama_pair(tmp_path_factory):
     """A saved tiny Llama "base", and an "aligned" copy with planted rank-2 V on q/k/v/o."""

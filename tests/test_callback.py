@@ -8,11 +8,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from tiny import add_lora, llama_attention_names, save_pair, tiny_llama
+from tiny import add_lora, llama_attention_names, lora_trainer
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    Trainer,
     TrainerCallback,
     TrainerState,
     TrainingArguments,
@@ -27,27 +26,6 @@ from splora_callback.pruning import prune_layers
 from splora_callback.report import REPORT_HTML, REPORT_JSON, load_report
 
 LORA_LAYERS = 8  # tiny Llama: 2 layers x q/k/v/o
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared, loaded 2-core machine made a 64x64 matmul ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
-    return base_dir, aligned_dir
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
 def lora_model(aligned_dir, dropout: float = 0.0):
@@ -74,25 +52,8 @@ def config(base_dir, **overrides) -> SPLoRAConfig:
 
 
 def trainer(pair, dataset, output_dir, callbacks, report_to=(), dropout=0.0, **overrides):
-    args = {
-        "output_dir": str(output_dir),
-        "max_steps": 12,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 4,
-        "save_strategy": "no",
-        "report_to": list(report_to),
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        **overrides,
-    }
-    return Trainer(
-        model=lora_model(pair[1], dropout),
-        args=TrainingArguments(**args),
-        train_dataset=dataset,
-        callbacks=list(callbacks),
-    )
+    return lora_trainer(pair[1], dataset, output_dir, callbacks, model=lora_model(pair[1], dropout),
+                        report_to=list(report_to), **overrides)
 
 
 def lora_layer_names(model) -> list[str]:

@@ -11,13 +11,11 @@ import json
 import logging
 
 import pytest
-import torch
-from datasets import Dataset
 from faults import read_only
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from tiny import add_lora, llama_attention_names, save_pair, tiny_llama
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from tiny import lora_trainer
+from transformers import LlamaForCausalLM
 
 from splora_callback import SPLoRACallback, SPLoRAConfig, UnsupportedAdapterError
 from splora_callback._io import OutputNotWritableError
@@ -27,33 +25,9 @@ from splora_callback.report import REPORT_HTML, REPORT_JSON, load_report
 LORA_LAYERS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
-    return base_dir, aligned_dir
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-
-
 def make_trainer(pair, dataset, output_dir, callbacks, targets=("q_proj", "k_proj", "v_proj", "o_proj"), **overrides):
-    torch.manual_seed(0)
-    model = add_lora(LlamaForCausalLM.from_pretrained(pair[1]), targets=list(targets))
-    args = {"output_dir": str(output_dir), "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-            "logging_steps": 3, "save_strategy": "no", "report_to": [], "use_cpu": True, "disable_tqdm": True,
-            "seed": 0, **overrides}
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, callbacks=list(callbacks))
+    return lora_trainer(pair[1], dataset, output_dir, callbacks, targets=list(targets),
+                        **{"max_steps": 6, "logging_steps": 3, **overrides})
 
 
 def config(pair, **overrides) -> SPLoRAConfig:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from peft.tuners.lora import LoraLayer
-from tiny import add_lora, llama_attention_names, save_pair, tiny_llama
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from tiny import add_lora, lora_trainer
+from transformers import LlamaForCausalLM
 
 from splora_callback import SPLoRACallback, SPLoRAConfig
 from splora_callback.probe import SafetyProbe
@@ -23,18 +22,6 @@ from splora_callback.safety import (
 )
 
 LOSS_RTOL = 1e-5  # float32 model: the same forward passes in another batching
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
-    return base_dir, aligned_dir
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
 def make_probe(seed: int = 1) -> SafetyProbe:
@@ -114,12 +101,7 @@ def test_safety_fields_are_checked_on_construction(kwargs, match):
 
 
 def run(pair, dataset, output_dir, callback, **overrides):
-    args = {"output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-            "logging_steps": 4, "save_strategy": "no", "report_to": [], "use_cpu": True, "disable_tqdm": True,
-            "seed": 0, **overrides}
-    torch.manual_seed(0)
-    trainer = Trainer(model=add_lora(LlamaForCausalLM.from_pretrained(pair[1])), args=TrainingArguments(**args),
-                      train_dataset=dataset, callbacks=[callback])
+    trainer = lora_trainer(pair[1], dataset, output_dir, [callback], **overrides)
     trainer.train()
     return trainer
 
@@ -171,11 +153,7 @@ def test_refusal_rate_is_measured_on_its_schedule_and_can_stop_training(pair, da
     callback = SPLoRACallback(base_model=str(pair[0]), metric="ediem", select="top_k", k=2, action="prune", score_every_n_steps=4,
                               refusal_prompts=prompts, refusal_every_n_steps=3, refusal_max_new_tokens=4,
                               refusal_rate_alert=0.5, early_stopping_patience=2)
-    args = {"output_dir": str(tmp_path / "out"), "max_steps": 12, "per_device_train_batch_size": 4,
-            "save_strategy": "no", "report_to": [], "use_cpu": True, "disable_tqdm": True}
-    torch.manual_seed(0)
-    trainer = Trainer(model=add_lora(LlamaForCausalLM.from_pretrained(pair[1])), args=TrainingArguments(**args),
-                      train_dataset=dataset, processing_class=tokenizer(), callbacks=[callback])
+    trainer = lora_trainer(pair[1], dataset, tmp_path / "out", [callback], processing_class=tokenizer())
     trainer.train()
     report = load_report(tmp_path / "out")
     assert [item["step"] for item in report["safety"]["refusal_rates"]] == [3, 6]

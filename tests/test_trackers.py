@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
-from tiny import add_lora, llama_attention_names, save_pair, tiny_llama
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from tiny import lora_trainer
+from transformers import TrainingArguments
 from wandb_offline import logged_table, offline_run_dirs, read_offline_run
 
 from splora_callback import SPLoRACallback
@@ -36,18 +35,6 @@ def restore_log_levels():
         lg.handlers[:] = saved
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
-    return base_dir, aligned_dir
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    ids = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-
-
 def probe() -> SafetyProbe:
     ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
     return SafetyProbe.from_tensors(ids, torch.ones_like(ids), torch.where(torch.arange(12) < 6, -100, ids))
@@ -56,12 +43,7 @@ def probe() -> SafetyProbe:
 def train(pair, dataset, output_dir, report_to, callback=None, **overrides):
     callback = callback or SPLoRACallback(base_model=str(pair[0]), select="top_k", k=3, score_every_n_steps=4,
                                           probe=probe())
-    args = {"output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-            "logging_steps": 4, "save_strategy": "no", "report_to": list(report_to), "use_cpu": True,
-            "disable_tqdm": True, "seed": 0, **overrides}
-    torch.manual_seed(0)
-    trainer = Trainer(model=add_lora(LlamaForCausalLM.from_pretrained(pair[1])), args=TrainingArguments(**args),
-                      train_dataset=dataset, callbacks=[callback])
+    trainer = lora_trainer(pair[1], dataset, output_dir, [callback], report_to=list(report_to), **overrides)
     trainer.train()
     return trainer, callback
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -88,3 +95,18 @@ def plant_updates(peft_model, bases: dict[str, torch.Tensor], orthogonal: set[st
             else:
                 up = left @ torch.randn(left.shape[1], r, generator=generator, dtype=torch.float64)
             lora_b.copy_((0.1 * up).float())
+
+
+def lora_trainer(aligned_dir: Path, dataset, output_dir: Path, callbacks=(), *, model=None, targets=ATTENTION,
+                 processing_class=None, **overrides) -> Trainer:
+    """A CPU ``Trainer`` of a LoRA (r=4 on ``targets``, LoRA A seeded) on the saved tiny Llama:
+    12 steps of 4 sequences at lr 1e-2, logging every 4, no saves, no trackers; ``overrides`` are
+    ``TrainingArguments`` fields; ``model``: a PEFT model to train instead."""
+    if model is None:
+        torch.manual_seed(0)  # LoRA A's init draws from the global RNG
+        model = add_lora(LlamaForCausalLM.from_pretrained(aligned_dir), targets=targets)
+    args = {"output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+            "logging_steps": 4, "save_strategy": "no", "report_to": [], "use_cpu": True, "disable_tqdm": True,
+            "seed": 0, **overrides}
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, callbacks=list(callbacks),
+                   processing_class=processing_class)
