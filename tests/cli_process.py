@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HELPER = r"""
-import atexit, json, os, sys, traceback
+import atexit, json, os, sys, tempfile, traceback
 import torch, transformers, peft, safetensors  # noqa: F401  the imports every child shares
 import splora_callback.cli  # noqa: F401
 
@@ -31,6 +31,7 @@ def child(request):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # found again from TMPDIR, as a fresh process would
     stdin = os.open(os.devnull, os.O_RDONLY)
     os.dup2(stdin, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
