@@ -5,8 +5,9 @@ does anything; the CLI tests start dozens of processes. :func:`run` asks a helpe
 imported them once (started on first use, one per test session) to ``fork`` a child for each call:
 a separate process with its own exit status, signals (a ``SIGKILL`` it sends itself reads as -9),
 ``stdout`` / ``stderr`` at the file-descriptor level, environment and working directory; only the
-imports are shared. What a fresh start itself does (the console script) is tested by
-``test_cli.test_console_script_is_installed``.
+imports are shared (so what those libraries read from the environment at import, such as
+``HF_HUB_OFFLINE``, keeps the value the test session started with: conftest.py sets it). What a
+fresh start itself does (the console script) is tested by ``test_cli.test_console_script_is_installed``.
 """
 
 from __future__ import annotations
