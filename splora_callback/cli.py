@@ -235,7 +235,7 @@ def _measured_repair(args: argparse.Namespace, scored: Scored):
     reached = [m["loss"] for m in trace.measurements if m["probe"] == "refusal" and m["count"] == trace.chosen]
     print(f"measured stop: {trace.chosen} of {trace.available} {scored.scores.granularity} units ({trace.reason}); "
           f"refusal loss {scored.scores.losses['refusal']:.4f} -> {reached[-1] if reached else float('nan'):.4f}, "
-          f"target {trace.target:.4f} (aligned model {aligned:.4f}); {len(trace.measurements)} forward passes",
+          f"target {trace.target:.4f} (aligned model {aligned:.4f}); {trace.passes} forward passes",
           file=sys.stderr)
     return chosen
 

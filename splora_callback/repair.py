@@ -13,7 +13,8 @@ Each measurement runs the model with the prefix's components masked (:func:`mask
 same factor shapes, the removed components' weight zeroed, exactly the update that
 :func:`~splora_callback.pruning.prune_components` leaves) and restores the weights after, so
 nothing is changed until the caller acts on the returned selection. Bisection over the prefix
-length: about ``log2(units)`` probe passes (10 for 960 components), twice that with a budget.
+length: about ``log2(units)`` probe passes (10 for 960 components), twice that with a budget;
+the unpruned model's refusal loss is taken from the scores when they hold it.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class RepairTrace:
     Attributes:
         target: the refusal loss to reach (nats; the aligned model's).
         task_limit: the largest task loss allowed (nats), or None without a utility probe.
-        measurements: every forward-pass measurement in order, ``{"probe": "refusal" | "task",
-            "count": prefix length, "loss": nats}``.
+        measurements: every measurement in order, ``{"probe": "refusal" | "task", "count": prefix
+            length, "loss": nats}``; one taken from the scores instead of a forward pass (the
+            refusal loss with nothing removed) also has ``"from": "scores"``.
         chosen: prefix length returned. available: units in the order.
         reason: ``"refusal restored"``, ``"task budget"`` (shortened to stay within it) or
             ``"order exhausted"`` (every unit of the order did not reach the target).
@@ -70,6 +72,11 @@ class RepairTrace:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     chosen: int = 0
     reason: str = ""
+
+    @property
+    def passes(self) -> int:
+        """Forward passes over a probe that the search ran."""
+        return sum("from" not in measured for measured in self.measurements)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +151,7 @@ def measured_stop(
     budget: float | None = None,
     adapter_name: str | None = None,
     granularity: str = "component",
+    start_loss: float | None = None,
 ) -> tuple[Selection, RepairTrace]:
     """The shortest prefix of ``order`` that brings the probe's refusal loss to ``target``, measured.
 
@@ -157,6 +165,8 @@ def measured_stop(
             whose measured task loss is at most ``(1 + budget)`` x the task loss before repair.
         budget: share of the task loss the repair may cost (0.05 = 5 %).
         granularity: of the returned selection (``"component"``: ``{layer: [indices]}``).
+        start_loss: the refusal loss with nothing removed when it is already known (the scores'
+            ``losses["refusal"]``, the same probe on the same weights): one pass fewer.
 
     Returns:
         The selection and a :class:`RepairTrace`. Refusal loss is assumed to fall as the prefix
@@ -181,6 +191,9 @@ def measured_stop(
 
     task_limit = None
     trace = RepairTrace(target=float(target), task_limit=None, available=len(order))
+    if start_loss is not None:
+        cache[("refusal", 0)] = float(start_loss)
+        trace.measurements.append({"probe": "refusal", "count": 0, "loss": float(start_loss), "from": "scores"})
     if utility is not None and budget is not None:
         task_limit = (1.0 + budget) * measure("task", 0)
         trace.task_limit = task_limit
@@ -220,7 +233,7 @@ def repair_selection(
         raise ValueError("select='repair' needs the safety probe's refusal loss: score with probe=SafetyProbe(...).")
     target = restore_target(current, aligned_loss, restore)
     return measured_stop(model, budget_order(scores), probe, target, adapter_name=adapter_name,
-                         granularity=scores.granularity)
+                         granularity=scores.granularity, start_loss=current)
 
 
 def predicted_repair(scores: LayerScores, aligned_loss: float, restore: float) -> Selection:

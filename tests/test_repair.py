@@ -86,6 +86,12 @@ def test_measured_stop_is_the_shortest_prefix_reaching_the_target():
         assert measured["probe"] == "refusal"
         assert measured["loss"] == pytest.approx(losses[measured["count"]], rel=1e-9)  # masking = pruning
     assert probe_loss(safety, model) == pytest.approx(losses[0], rel=1e-12)  # the model is left as it was
+    # the unpruned loss already known (the scores'): the same stop, one forward pass fewer
+    known, known_trace = measured_stop(model, order, safety, target, start_loss=scores.losses["refusal"])
+    assert known == chosen and known_trace.chosen == count
+    assert known_trace.passes == trace.passes - 1 == len(known_trace.measurements) - 1
+    assert known_trace.measurements[0] == {"probe": "refusal", "count": 0, "loss": scores.losses["refusal"],
+                                           "from": "scores"}
 
     unreachable, trace = measured_stop(model, order, safety, min(losses) - 1.0)
     assert trace.reason == "order exhausted" and trace.chosen == len(order)
