@@ -34,13 +34,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(base_dir, aligned_dir): a saved tiny Llama and its aligned copy (planted rank-2 V), per module."""
-    from tiny import llama_attention_names, save_pair, tiny_llama
-
-    base_dir, aligned_dir, _ = save_pair(tmp_path_factory.mktemp("pair"), tiny_llama, llama_attention_names)
-    return base_dir, aligned_dir
+@pytest.fixture(scope="session")
+def pair(llama_pair):
+    """(base_dir, aligned_dir) of :func:`llama_pair`, what the Trainer tests read."""
+    return llama_pair[0], llama_pair[1]
 
 
 @pytest.fixture(scope="module")

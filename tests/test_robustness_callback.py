@@ -50,6 +50,7 @@ def test_wandb_disabled_still_writes_the_html_report(pair, dataset, tmp_path, mo
             run.train()
     finally:
         wandb.finish()
+        wandb.teardown()  # wandb's process-wide settings would keep mode "disabled" for later tests
     assert (tmp_path / "out" / REPORT_HTML).is_file()
     assert "W&B is disabled" in caplog.text and "HTML report" in caplog.text  # said, not silent
 
