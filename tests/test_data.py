@@ -353,6 +353,33 @@ def test_self_distillation_examples_keep_the_answer_exact(tiny_tokenizer):
         assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
 
 
+def test_gguf_is_parsed_once_per_file_inside_the_conversion(monkeypatch):
+    """load_smollm2's context: one reader per path and one tensor-name map per (arch, blocks), the
+    gguf module's own functions back afterwards (also after an error)."""
+    import demo_models
+    import gguf
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    maps = []
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda arch, blocks: maps.append((arch, blocks)) or object())
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with demo_models._gguf_parsed_once():
+        first, again, other = gguf.GGUFReader("a.gguf"), gguf.GGUFReader("a.gguf"), gguf.GGUFReader("b.gguf")
+        assert first is again and first is not other and made == [("a.gguf", "r"), ("b.gguf", "r")]
+        assert gguf.get_tensor_name_map("llama", 30) is gguf.get_tensor_name_map("llama", 30)
+        assert maps == [("llama", 30)]
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    with pytest.raises(RuntimeError), demo_models._gguf_parsed_once():
+        raise RuntimeError("conversion failed")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+
+
 def test_missing_smollm2_gives_install_command(monkeypatch):
     import demo_models
 
