@@ -46,7 +46,7 @@ from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
-from .repair import predicted_repair, repair_selection
+from .repair import RepairTrace, predicted_repair, repair_selection
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks
 from .scoring import LayerScores
@@ -318,8 +318,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             acted = apply_action_distributed(model, self._alignment, self.selected, config.action,
                                              config.adapter_name)
             self.action_report = acted.to_dict()
-            if config.action != "none" and self.selected:
-                self._safety.after_action(model)  # the measured effect: every rank, the same passes
+            if config.action != "none" and self.selected:  # the measured effect: every rank, the same passes
+                self._safety.after_action(model, self._measured_refusal_loss())
         if state.is_world_process_zero:
             self._finish(args, state, model)
         self._alignment = None  # V can be as large as the adapted weights: free it
@@ -388,6 +388,14 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             self._alert(scores, state.global_step)
             self._safety_alerts(alerts)
         return scores
+
+    def _measured_refusal_loss(self) -> float | None:
+        """The refusal loss the measured stop took on the pruned selection it returned (the same
+        weights as the acted model: masking is pruning), or None (another rule, or another action)."""
+        trace = self.history[-1].get("repair_trace") if self.history else None
+        if trace is None or self.config.action != "prune":
+            return None
+        return RepairTrace(**trace).refusal_loss_at(trace["chosen"])
 
     def _latest_scores(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
                        rescore: bool = False) -> LayerScores:

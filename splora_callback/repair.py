@@ -14,7 +14,8 @@ same factor shapes, the removed components' weight zeroed, exactly the update th
 :func:`~splora_callback.pruning.prune_components` leaves) and restores the weights after, so
 nothing is changed until the caller acts on the returned selection. Bisection over the prefix
 length: about ``log2(units)`` probe passes (10 for 960 components), twice that with a budget;
-the unpruned model's refusal loss is taken from the scores when they hold it.
+the unpruned model's refusal loss is taken from the scores when they hold it, and the whole
+order is measured only when no shorter prefix reaches the target.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class RepairTrace:
         """Forward passes over a probe that the search ran."""
         return sum("from" not in measured for measured in self.measurements)
 
+    def refusal_loss_at(self, count: int) -> float | None:
+        """The refusal loss measured with the first ``count`` units removed, or None if not measured."""
+        return next((m["loss"] for m in self.measurements if m["probe"] == "refusal" and m["count"] == count), None)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -131,7 +136,8 @@ def masked_units(model: nn.Module, units: Sequence[Hashable], adapter_name: str 
 
 
 def _first_reaching(count_ok: Any, low: int, high: int) -> int:
-    """Smallest ``k`` in (low, high] with ``count_ok(k)``, given ``count_ok(high)`` and not ``count_ok(low)``."""
+    """Smallest ``k`` in (low, high] with ``count_ok(k)``, given not ``count_ok(low)``; ``high`` when no
+    smaller ``k`` passes (``count_ok(high)`` itself is never called)."""
     while high - low > 1:
         middle = (low + high) // 2
         if count_ok(middle):
@@ -199,11 +205,9 @@ def measured_stop(
         trace.task_limit = task_limit
     if measure("refusal", 0) <= target or not order:
         chosen, reason = 0, "refusal restored"
-    elif measure("refusal", len(order)) > target:
-        chosen, reason = len(order), "order exhausted"
-    else:
+    else:  # the whole order is measured only if no shorter prefix reaches the target
         chosen = _first_reaching(lambda k: measure("refusal", k) <= target, 0, len(order))
-        reason = "refusal restored"
+        reason = "refusal restored" if measure("refusal", chosen) <= target else "order exhausted"
     if task_limit is not None and chosen and measure("task", chosen) > task_limit:
         # longest prefix within the task budget: the first count past it, minus one
         chosen = _first_reaching(lambda k: measure("task", k) > task_limit, 0, chosen) - 1

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .data import IGNORE_INDEX
-from .evaluation import generate, refusal_rate
+from .evaluation import generate, prefix_cache, refusal_rate
 from .probe import ProbeSet, preserved_state, response_logits
 from .sharding import unwrap_parallel
 
@@ -64,14 +64,34 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer._disable_adapters = flag
 
 
+def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> int:
+    """Leading columns of a right-padded batch that every row has, attended, before any target.
+
+    ``targets``: (B, T - 1) bool, the positions whose logits predict a response token. The count
+    is at most the first target position, so every logit the loss needs comes after it; 0 for one row.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0) & (attention_mask != 0).all(dim=0)
+    differs = (~same).nonzero()
+    length = int(differs[0]) if len(differs) else input_ids.shape[1]
+    needed = targets.any(dim=0).nonzero()
+    return min(length, int(needed[0]) if len(needed) else length)
+
+
 @torch.no_grad()
-def probe_loss(probe: ProbeSet, model: nn.Module) -> float:
+def probe_loss(probe: ProbeSet, model: nn.Module, share_prefix: bool = True) -> float:
     """The probe's mean token loss over its response tokens (nats), without gradients.
 
     The same ``L`` as :meth:`ProbeSet.run` computes with its attributions (eval mode, logits at the
     response positions only), at the cost of forward passes alone. Every rank of a multi-process
     run computes the whole probe (a sharded model gathers inside each forward: the same passes
     everywhere), so the value is the same on all ranks. Modes and RNG states are restored.
+
+    ``share_prefix``: the tokens every pair of a batch starts with (the chat template's system
+    prompt: about a third of a SmolLM2 probe pair) run once, and each row continues from their
+    cache (as :func:`~splora_callback.evaluation.generate` does): the same loss to float rounding
+    (tested against ``share_prefix=False``), a third fewer token-passes on the demo's probe.
     """
     module = unwrap_parallel(model)
     device = next(module.parameters()).device
@@ -83,7 +103,12 @@ def probe_loss(probe: ProbeSet, model: nn.Module) -> float:
             targets = labels[:, 1:] != IGNORE_INDEX
             if not targets.any():
                 continue
-            logits = response_logits(module, ids.to(device), mask.to(device), targets.to(device))
+            shared = shared_prompt_length(ids, mask, targets) if share_prefix else 0
+            cache = prefix_cache(module, ids[0, :shared].tolist(), len(ids)) if shared else {}
+            if not cache:
+                shared = 0
+            logits = response_logits(module, ids[:, shared:].to(device), mask.to(device),
+                                     targets[:, shared:].to(device), **cache)
             # fp32 at least: a bf16 sum of token losses loses the differences the signal tracks
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             total += float(F.cross_entropy(logits, labels[:, 1:][targets].to(device), reduction="sum"))
@@ -268,10 +293,15 @@ class SafetyChecks:
             scalars["splora/safety/refusal_rate_aligned"] = self.monitor.aligned_refusal_rate
         return scalars, [alert] if alert else []
 
-    def after_action(self, model: nn.Module) -> None:
-        """The signal once more on the acted live model (the card's and report's "measured effect")."""
+    def after_action(self, model: nn.Module, refusal_loss: float | None = None) -> None:
+        """The signal once more on the acted live model (the card's and report's "measured effect").
+
+        ``refusal_loss``: the probe's loss on these weights when already measured (the measured
+        stop's pass at the chosen prefix, whose masked update is the pruned one): not run again.
+        """
         if self.config.probe is not None:
-            self.monitor.after_action["refusal_loss"] = probe_loss(self.config.probe, model)
+            self.monitor.after_action["refusal_loss"] = (
+                probe_loss(self.config.probe, model) if refusal_loss is None else float(refusal_loss))
         if self.tokenizer is not None:
             self.monitor.after_action["refusal_rate"] = self._rate(model)
 

@@ -86,6 +86,8 @@ def test_measured_stop_is_the_shortest_prefix_reaching_the_target():
         assert measured["probe"] == "refusal"
         assert measured["loss"] == pytest.approx(losses[measured["count"]], rel=1e-9)  # masking = pruning
     assert probe_loss(safety, model) == pytest.approx(losses[0], rel=1e-12)  # the model is left as it was
+    if count < len(order):  # a shorter prefix reached the target: the whole order was never measured
+        assert len(order) not in {measured["count"] for measured in trace.measurements}
     # the unpruned loss already known (the scores'): the same stop, one forward pass fewer
     known, known_trace = measured_stop(model, order, safety, target, start_loss=scores.losses["refusal"])
     assert known == chosen and known_trace.chosen == count
@@ -95,6 +97,7 @@ def test_measured_stop_is_the_shortest_prefix_reaching_the_target():
 
     unreachable, trace = measured_stop(model, order, safety, min(losses) - 1.0)
     assert trace.reason == "order exhausted" and trace.chosen == len(order)
+    assert trace.measurements[-1]["count"] == len(order)  # measured, to say it was not enough
     nothing, trace = measured_stop(model, order, safety, losses[0] + 1.0)
     assert trace.chosen == 0 and nothing == {}
 
@@ -149,6 +152,9 @@ def test_callback_repairs_by_measured_stop_and_reports_it(tmp_path):
     after = probe_loss(probe, model)  # the live model, pruned by the callback
     assert after <= trace["target"] + 1e-5
     assert report["safety"]["after_action"]["refusal_loss"] == pytest.approx(after, rel=1e-5)
+    # the measured effect is the stop's own pass at the chosen prefix (masking = pruning), not a new one
+    at_chosen = [m["loss"] for m in trace["measurements"] if m["count"] == trace["chosen"]]
+    assert report["safety"]["after_action"]["refusal_loss"] == at_chosen[0]
 
 
 def test_repair_config_errors_name_the_field():
