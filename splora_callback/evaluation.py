@@ -276,10 +276,10 @@ def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _prefix_cache(model: Any, prefix: Sequence[int], batch_size: int) -> dict[str, Any]:
+def prefix_cache(model: Any, prefix: Sequence[int], batch_size: int) -> dict[str, Any]:
     """``{generate keyword: cache}`` holding the keys and values of ``prefix`` (one forward pass),
     repeated for ``batch_size`` rows; ``{}`` when the model returns no cache that can be repeated
-    (legacy tuples, recurrent states): ``generate`` then runs the whole prompts as before."""
+    (legacy tuples, recurrent states): the caller then runs the whole prompts as before."""
     from .data import transformers_model
 
     device = next(model.parameters()).device
@@ -351,7 +351,7 @@ def generate(
             texts = [_chat(tokenizer, p) for p in chunk] if use_template else chunk
             # The chat template already writes BOS and other special tokens.
             input_ids, attention_mask, shared = _batch_inputs(tokenizer, texts, not use_template, share_prefix)
-            cache = _prefix_cache(model, input_ids[0, :shared].tolist(), len(chunk)) if shared else {}
+            cache = prefix_cache(model, input_ids[0, :shared].tolist(), len(chunk)) if shared else {}
             if shared and not cache:  # no reusable cache: plain left padding
                 input_ids, attention_mask, _ = _batch_inputs(tokenizer, texts, not use_template, False)
             out = model.generate(

@@ -496,22 +496,25 @@ def _lengths(attention_mask: torch.Tensor) -> list[int]:
 
 
 def response_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets_mask: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets_mask: torch.Tensor,
+    **cache: Any,
 ) -> torch.Tensor:
     """(number of True in ``targets_mask``, vocab) logits at the positions that predict a response token.
 
     transformers' ``logits_to_keep`` with a boolean (b, T) mask skips the LM head elsewhere
     (prompt tokens are most of a probe; the head is a large share of a small model's FLOPs and of
-    memory at a 128k vocabulary); models without it get full logits, masked here.
+    memory at a 128k vocabulary); models without it get full logits, masked here. ``cache``: the
+    keys and values of a shared prefix (``evaluation.prefix_cache``); ``input_ids`` (b, T) and
+    ``targets_mask`` (b, T - 1) then continue after it and ``attention_mask`` covers both.
     """
     keep = torch.cat([targets_mask, torch.zeros_like(targets_mask[:, :1])], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": bool(cache), **cache}
     if accepts_logits_mask(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=keep).logits
+        logits = model(**inputs, logits_to_keep=keep).logits
         if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
             return logits
         logger.debug("logits_to_keep gave logits of shape %s: using full logits.", tuple(logits.shape))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(**inputs).logits
     return logits[keep]
 
 

@@ -173,3 +173,34 @@ def test_refusal_rate_now_restores_the_model_mode(pair):
     model = trained_lora(pair[1]).train()
     assert refusal_rate_now(model, tokenizer(), ["w1 w2", "w3"], max_new_tokens=3) == 0.0
     assert model.training
+
+
+def test_probe_loss_with_a_shared_prompt_prefix_is_the_dense_loss(pair, monkeypatch):
+    """Pairs that start alike (a chat template's system prompt): the prefix runs once and every row
+    continues from its cache; the loss is the dense one, and the same without sharing."""
+    from splora_callback import safety
+    from splora_callback.safety import shared_prompt_length
+
+    caches = []
+    real_prefix_cache = safety.prefix_cache
+    monkeypatch.setattr(safety, "prefix_cache", lambda *args: caches.append(real_prefix_cache(*args)) or caches[-1])
+
+    model = trained_lora(pair[1])
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 128, (5, 14), generator=gen)
+    ids[:, :6] = ids[0, :6]  # a shared prompt start of 6 tokens
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # right padding on two rows
+    mask[3, 9:] = 0
+    labels = torch.where((torch.arange(14) >= 8) & (mask == 1), ids, torch.full_like(ids, -100))
+    probe = SafetyProbe.from_tensors(ids, mask, labels, batch_size=3)
+    targets = labels[:3, 1:] != -100
+    assert shared_prompt_length(ids[:3], mask[:3], targets) == 6
+    assert shared_prompt_length(ids[:1], mask[:1], targets[:1]) == 0  # nothing to share in one row
+    early = torch.zeros_like(targets)
+    early[0, 3] = True  # a target inside the common start: only the tokens before it are shared
+    assert shared_prompt_length(ids[:3], mask[:3], early) == 3
+    shared = probe_loss(probe, model)
+    assert len(caches) == 2 and all(caches)  # both batches continued from a prefix cache
+    assert shared == pytest.approx(dense_loss(model, probe), rel=LOSS_RTOL)
+    assert shared == pytest.approx(probe_loss(probe, model, share_prefix=False), rel=LOSS_RTOL)
