@@ -48,7 +48,7 @@ from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
 from .repair import RepairTrace, predicted_repair, repair_selection
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
-from .safety import SafetyChecks
+from .safety import SafetyChecks, probe_loss
 from .scoring import LayerScores
 from .selection import predicted_change, removed_ranks, select_layers
 from .sharding import lora_layers, warn_if_sharded
@@ -174,25 +174,37 @@ class SPLoRACallback(TrainerCallback, ExportableState):
 
     # --- the one scoring call site ---------------------------------------------------------------
 
-    def compute_scores(self, model: nn.Module) -> LayerScores:
-        """Score every LoRA layer of ``model``: E-DIEM, cosine, signed diagnostic (and the probe).
+    def compute_scores(self, model: nn.Module, probes: bool = True) -> LayerScores:
+        """Score every LoRA layer of ``model``: E-DIEM, cosine, signed diagnostic (and the probes).
 
         The single place scores are computed. In a multi-process run each rank scores its slice
         of the layers and every rank gets all scores (:func:`score_layers_distributed`); in one
         process this is exactly :func:`score_layers`. Runs under ``torch.no_grad()`` on the
         device ``on_train_begin`` put the alignment subspace on (the LoRA weights' device); a probe
         takes its own gradients inside (``torch.enable_grad``) and restores modes and RNG states.
+        ``probes=False`` (``probe_every_n_steps``): the geometric scores and the safety probe's
+        refusal loss only (forward passes), no attributions.
         """
         config = self.config
         account = device_account(self._alignment)  # alignment_placement="stream": bytes placed per call
         if account is not None:
             account.reset_peak()
+        metric = config.metric if probes or config.metric != "probe" else "ediem"
         with torch.no_grad():
-            return score_layers_distributed(
-                model, self._alignment, config.metric, null=config.null, permutations=config.permutations,
-                seed=config.permutation_seed, adapter_name=config.adapter_name, probe=config.probe,
-                utility=self._utility, granularity=config.granularity,
+            scores = score_layers_distributed(
+                model, self._alignment, metric, null=config.null, permutations=config.permutations,
+                seed=config.permutation_seed, adapter_name=config.adapter_name,
+                probe=config.probe if probes else None, utility=self._utility if probes else None,
+                granularity=config.granularity,
             )
+        if not probes and config.probe is not None:
+            scores.losses["refusal"] = probe_loss(config.probe, model)
+        return scores
+
+    def _probes_due(self, step: int) -> bool:
+        """Whether the scoring call at ``step`` runs the probes' attributions (``probe_every_n_steps``)."""
+        every = self.config.probe_every_n_steps
+        return every is None or (every > 0 and step % every == 0)
 
     # --- Trainer events --------------------------------------------------------------------------
 
@@ -218,8 +230,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         preflight.check_not_pruning_everything(config, len(layers))
         preflight.check_output_dir(args.output_dir)  # not after training, when the report is written
         preflight.check_acted_outputs(args.output_dir, model, adapter, config, sharded)
-        if self.history:  # restored from a checkpoint
-            self._scores = LayerScores.from_dict(self.history[-1]["scores"])
+        attributed = [entry for entry in self.history if entry.get("probes", True)]
+        if attributed:  # restored from a checkpoint
+            self._scores = LayerScores.from_dict(attributed[-1]["scores"])
         if config.select == "repair" and sharded:
             raise ValueError(
                 "SPLoRAConfig.select='repair' measures each candidate with forward passes on the live LoRA "
@@ -288,7 +301,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             scores = self._latest_scores(args, state, model)  # scored in on_step_end unless an epoch save
             self._write_checkpoint(args, state, model, scores, self.history[-1]["selected"])
         if state.is_world_process_zero and self.history:
-            selected = self.history[-1]["selected"]
+            selected = next((entry["selected"] for entry in reversed(self.history) if entry["selected"] is not None), [])
             write_json_report(args.output_dir, self._report("running", state, selected, None))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -367,12 +380,17 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                measured: bool = True) -> LayerScores:
         """Score, select and log. ``select="repair"``: the measured stop where the selection is acted
         on (``measured``), its first-order stand-in at the other scoring steps (no forward passes)."""
+        probes = measured or self._probes_due(state.global_step)
         start = time.perf_counter()
-        scores = self.compute_scores(model)
+        scores = self.compute_scores(model, probes)
         seconds = time.perf_counter() - start
         entry: dict[str, Any] = {"step": state.global_step, "seconds": seconds}
         aligned_loss = self._safety.monitor.aligned_refusal_loss
-        if self.config.select == "repair" and measured:  # forward passes with units masked, every rank alike
+        if not probes:  # geometry and the refusal loss only: a probe rule selects nothing here
+            entry["probes"] = False
+            needs_probes = self.config.metric == "probe" or self.config.select in ("budget", "repair")
+            selected = None if needs_probes else select_layers(scores, **self.config.selection_kwargs())
+        elif self.config.select == "repair" and measured:  # forward passes with units masked, every rank alike
             selected, trace = repair_selection(model, scores, self.config.probe, aligned_loss, self.config.restore,
                                                self.config.adapter_name)
             entry["repair_trace"] = trace.to_dict()
@@ -381,7 +399,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         else:
             selected = select_layers(scores, **self.config.selection_kwargs())
         self.history.append({**entry, "selected": selected, "scores": scores.to_dict()})
-        self._scores = scores
+        if probes:
+            self._scores = scores
         safety, alerts = self._safety.after_scores(state.global_step, scores.losses)
         if state.is_world_process_zero:
             self._trackers.log_scores(scores, state.global_step, selected, self.config.to_dict(), seconds, safety)
@@ -399,8 +418,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
 
     def _latest_scores(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
                        rescore: bool = False) -> LayerScores:
-        """The scores of this step: reused if already computed (and the weights not reloaded)."""
-        current = bool(self.history) and self.history[-1]["step"] == state.global_step
+        """The scores of this step: reused if already computed with the probes (and the weights not reloaded)."""
+        current = (bool(self.history) and self.history[-1]["step"] == state.global_step
+                   and self.history[-1].get("probes", True))
         if rescore or self._scores is None or not current:
             return self._score(args, state, model)
         return self._scores

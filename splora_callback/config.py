@@ -80,6 +80,13 @@ class SPLoRAConfig:
     )
     adapter_name: str | None = field(default=None, metadata={"help": "Adapter to score; default: the active one."})
     score_every_n_steps: int = field(default=50, metadata={"help": "Scoring interval in optimizer steps (0: only at the end)."})
+    probe_every_n_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps between the probes' attributions (a forward and backward pass over each probe: "
+                          "most of a scoring call's cost). None: at every scoring step; 0: only where the selection "
+                          "is acted on (end of training, acted checkpoints). The other scoring steps log E-DIEM, "
+                          "cosine and the safety probe's refusal loss (forward passes only)."},
+    )
     prune_at_end: bool = field(default=True, metadata={"help": "Apply the action to the live model at train end."})
     prune_at_checkpoints: bool = field(
         default=False, metadata={"help": "Write an acted adapter to checkpoint-N/splora/ at every save."}
@@ -179,6 +186,8 @@ class SPLoRAConfig:
                 f"SPLoRAConfig.score_every_n_steps={self.score_every_n_steps!r}: must be an integer >= 0 "
                 "(0 scores only at the end of training)."
             )
+        if self.probe_every_n_steps is not None:
+            _check_probe_schedule(self)
         if self.select == "budget" and (self.budget is None or not self.budget >= 0):
             raise ValueError(
                 f"SPLoRAConfig.budget={self.budget!r}: select='budget' needs budget >= 0, the share of the task "
@@ -253,6 +262,9 @@ class SPLoRAConfig:
         when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
                                             ("at the end of training", self.prune_at_end)) if on) or "never"
         scored = f"scores every {self.score_every_n_steps} steps" if self.score_every_n_steps else "scores at the end"
+        if self.probe_every_n_steps is not None and self.score_every_n_steps:
+            scored += (f", the probes' attributions every {self.probe_every_n_steps}" if self.probe_every_n_steps
+                       else ", the probes' attributions only where it acts")
         enable = ("To repair, pass probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs): the default rule "
                   "is then the measured component repair (select='repair', docs/efficacy.md).")
         if self.action == "none" or when == "never":
@@ -277,6 +289,22 @@ class SPLoRAConfig:
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"SPLoRAConfig.{name}={value!r}: expected one of {', '.join(choices)}.")
+
+
+def _check_probe_schedule(config: SPLoRAConfig) -> None:
+    """``probe_every_n_steps``: an integer >= 0, with a probe to schedule and geometric scores for
+    the steps in between."""
+    every = config.probe_every_n_steps
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"SPLoRAConfig.probe_every_n_steps={every!r}: must be None or an integer >= 0 (0: the "
+                         "probes only where the selection is acted on).")
+    if config.probe is None:
+        raise ValueError(f"SPLoRAConfig.probe_every_n_steps={every} schedules the probes, but probe=None; pass "
+                         "probe=SafetyProbe(...) or drop probe_every_n_steps.")
+    if config.base_model is None:
+        raise ValueError(f"SPLoRAConfig.probe_every_n_steps={every}: the scoring steps between the probes log "
+                         "E-DIEM and cosine, which need base_model (the unaligned base); pass base_model, or "
+                         "score less often with score_every_n_steps.")
 
 
 def _check_safety(config: SPLoRAConfig) -> None:

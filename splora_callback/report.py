@@ -11,6 +11,7 @@ import json
 import os
 import platform
 from collections import defaultdict
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,18 @@ def kind_means(scores: LayerScores) -> dict[str, dict[str, float]]:
             for kind, group in sorted(grouped.items())}
 
 
-def summary_scalars(scores: LayerScores, selected: list[str], threshold: float) -> dict[str, float]:
-    """Scalars that summarise one scoring call (statistics of empty sets are left out, never NaN)."""
+def summary_scalars(scores: LayerScores, selected: Sequence[str] | None, threshold: float) -> dict[str, float]:
+    """Scalars that summarise one scoring call (statistics of empty sets are left out, never NaN;
+    ``selected`` None: a step without the probes' attributions, which selected nothing)."""
     ediem, cosine = _values(scores, "ediem"), _values(scores, "cosine")
     signed = _values(scores, "signed_alignment")
     summary: dict[str, float] = {
         "active_layers": sum(score.status == "active" for score in scores),
         "inactive_layers": sum(score.status == "inactive" for score in scores),
-        "selected_layers": len(selected),
         "ediem_over_threshold": sum(value > threshold for value in ediem),
     }
+    if selected is not None:
+        summary["selected_layers"] = len(selected)
     for name, values in (("ediem", ediem), ("cosine", cosine), ("signed", signed)):
         if values:
             summary[f"{name}_max"] = max(values)
@@ -86,7 +89,7 @@ def summary_scalars(scores: LayerScores, selected: list[str], threshold: float) 
     return summary
 
 
-def wandb_step_payload(scores: LayerScores, step: int, selected: list[str], threshold: float,
+def wandb_step_payload(scores: LayerScores, step: int, selected: Sequence[str] | None, threshold: float,
                        seconds: float | None = None) -> dict[str, float]:
     """The ``wandb.log`` payload of one scoring call: keys under ``splora/`` plus the Trainer's step.
 

@@ -272,7 +272,7 @@ class Trackers:
             logger.info("SPLoRA TensorBoard scalars: %s", folder)
         return cls(open_wandb(args), tensorboard)
 
-    def log_scores(self, scores: LayerScores, step: int, selected: list[str], config: dict[str, Any],
+    def log_scores(self, scores: LayerScores, step: int, selected: list[str] | None, config: dict[str, Any],
                    seconds: float, safety: dict[str, float]) -> None:
         """One scoring call: W&B without per-layer keys, TensorBoard with them."""
         payload = {**wandb_step_payload(scores, step, selected, over_threshold(config), seconds), **safety}

@@ -38,3 +38,19 @@ def test_defaults_and_serialisation():
     data = config.to_dict()
     assert data["probe"] is None and data["metric"] == "ediem"
     assert SPLoRAConfig(**{key: value for key, value in data.items() if key != "probe"}) == config
+
+
+def test_probe_schedule_is_checked_and_planned():
+    probe = object()
+    for every, match in ((-1, r"probe_every_n_steps=-1: must be None or an integer >= 0"),
+                         (2.5, r"probe_every_n_steps=2.5")):
+        with pytest.raises(ValueError, match=match):
+            SPLoRAConfig(base_model="base", metric="probe", probe=probe, probe_every_n_steps=every)
+    with pytest.raises(ValueError, match=r"probe_every_n_steps=0 schedules the probes, but probe=None"):
+        SPLoRAConfig(base_model="base", probe_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"probe_every_n_steps=0: .* need base_model"):
+        SPLoRAConfig(metric="probe", probe=probe, probe_every_n_steps=0)
+    config = SPLoRAConfig(base_model="base", metric="probe", probe=probe, score_every_n_steps=10, probe_every_n_steps=0)
+    assert "scores every 10 steps, the probes' attributions only where it acts" in config.plan()[0]
+    assert "the probes' attributions every 20" in SPLoRAConfig(
+        base_model="base", metric="probe", probe=probe, score_every_n_steps=10, probe_every_n_steps=20).plan()[0]

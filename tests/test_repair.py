@@ -164,3 +164,41 @@ def test_repair_config_errors_name_the_field():
         SPLoRAConfig(base_model="b", select="repair")
     with pytest.raises(ValueError, match="SPLoRAConfig.restore=1.5"):
         SPLoRAConfig(metric="probe", probe=random_probe(seed=1), select="repair", restore=1.5)
+
+
+def test_probes_only_where_the_callback_acts_changes_nothing_but_the_cost(pair, dataset, tmp_path):
+    """probe_every_n_steps=0: the scoring steps before the end log E-DIEM and the refusal loss
+    (forward passes) without attributions; training, the final scores and the repair are those of a
+    run with the probes at every scoring step."""
+    import json
+
+    from tiny import lora_trainer
+
+    from splora_callback.callback import SPLoRACallback
+    from splora_callback.config import SPLoRAConfig
+    from splora_callback.dashboard import write_html_report
+
+    runs = {}
+    for name, every in (("every", None), ("at_end", 0)):
+        config = SPLoRAConfig(base_model=str(pair[0]), metric="probe", probe=random_probe(seed=9), select="repair",
+                              restore=0.5, score_every_n_steps=4, probe_every_n_steps=every, utility_examples=6)
+        callback = SPLoRACallback(config)
+        trainer = lora_trainer(pair[1], dataset, tmp_path / name, [callback])
+        trainer.train()
+        runs[name] = (callback, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (every, every_weights), (at_end, at_end_weights) = runs["every"], runs["at_end"]
+    assert [entry["step"] for entry in at_end.history] == [4, 8, 12]
+    for light, full in zip(at_end.history[:2], every.history[:2], strict=True):
+        assert light["probes"] is False and light["selected"] is None
+        assert all(layer["probe"] is None for layer in light["scores"]["layers"])
+        assert set(light["scores"]["losses"]) == {"refusal"}
+        assert light["scores"]["losses"]["refusal"] == pytest.approx(full["scores"]["losses"]["refusal"], rel=1e-5)
+        assert [layer["ediem"] for layer in light["scores"]["layers"]] == [
+            layer["ediem"] for layer in full["scores"]["layers"]]
+    assert "probes" not in at_end.history[-1] and at_end.selected == every.selected and at_end.selected
+    assert at_end.history[-1]["repair_trace"] == every.history[-1]["repair_trace"]
+    for name, weight in every_weights.items():  # the same training, the same repair
+        assert torch.equal(weight, at_end_weights[name]), name
+    report = json.loads((tmp_path / "at_end" / "splora_report.json").read_text())
+    assert [entry["scores"]["losses"]["refusal"] > 0 for entry in report["history"]] == [True] * 3  # the signal
+    assert write_html_report(tmp_path / "at_end").is_file()
