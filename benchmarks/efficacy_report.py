@@ -128,6 +128,7 @@ def setting_table(summary: dict[str, Any]) -> str:
     reps = len(summary["replications"])
     lines = [
         "| rule | units removed | refusal | over-refusal | ROUGE-L | kind-matched random: refusal / ROUGE-L "
+        "(/ over-refusal where measured) "
         "| uniform random: refusal | beats kind-matched / uniform (of reps) | won / lost vs kind-matched "
         "| meets target (of reps) |",
         "|" + "---|" * 10,
@@ -137,8 +138,10 @@ def setting_table(summary: dict[str, Any]) -> str:
                  _spread(entry["over_refusal_rate"]), _spread(entry["rougeL"])]
         if entry["rule"] in RULES:
             matched, uniform = entry["kind-matched"], entry["uniform"]
-            cells.append(f"{_spread(matched['refusal_rate'])} / {_spread(matched['rougeL'])} ({matched['seeds']} models)"
-                         if matched["seeds"] else "-")
+            over = [value for value in matched["over_refusal_rate"] if value is not None]
+            over = f" / {_spread(over)}" if over and len(over) == matched["seeds"] else ""  # every control measured
+            cells.append(f"{_spread(matched['refusal_rate'])} / {_spread(matched['rougeL'])}{over} "
+                         f"({matched['seeds']} models)" if matched["seeds"] else "-")
             cells.append(f"{_spread(uniform['refusal_rate'])} ({uniform['seeds']} models)" if uniform["seeds"] else "-")
             cells.append(f"{entry['beats_kind-matched'] if matched['seeds'] else '-'} / "
                          f"{entry['beats_uniform'] if uniform['seeds'] else '-'} of {reps}")

@@ -65,8 +65,9 @@ def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: dict
                                    batch_size=int(spec.get("utility_batch_size", 10)))
 
 
-# Settings that choose which models are evaluated, not what one model's evaluation gives.
-PLAN_ONLY = ("rules", "fractions", "random_seeds", "controls", "workers", "run_dir")
+# Settings that choose which models are evaluated, not what one model's evaluation gives. Whether a
+# cached control has the over-refusal prompts it now needs is checked per model (variants.py).
+PLAN_ONLY = ("rules", "fractions", "random_seeds", "controls", "workers", "run_dir", "over_refusal_controls")
 
 
 def cache_fingerprint(config: dict[str, Any], aligned: str, data: dict[str, Any]) -> str:

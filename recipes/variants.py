@@ -330,10 +330,13 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
 
 def _measures_over_refusal(variant: Variant, spec: dict[str, Any]) -> bool:
     """Over-refusal is measured on the rules' own models (``evaluation.over_refusal``: their names,
-    with ``aligned`` and ``lora``; all when unset), never on random controls: the verdicts compare
-    refusal rates, and the benign prompts are almost half of a model's evaluation time."""
+    with ``aligned`` and ``lora``; all when unset) and on the random controls of the rules in
+    ``evaluation.over_refusal_controls`` (``random``: the uniform ones; none when unset): the
+    benign prompts are almost half of a model's evaluation time."""
+    if variant.control is not None:
+        return variant.rule in (spec.get("over_refusal_controls") or ())
     wanted = spec.get("over_refusal")
-    return variant.control is None and (wanted is None or variant.rule in wanted)
+    return wanted is None or variant.rule in wanted
 
 
 def _cached(result: dict[str, Any]) -> dict[str, Any]:
@@ -417,10 +420,14 @@ def evaluate_variants(
     if stale:
         print(f"{cache_file}: {stale} cached evaluation(s) of other inputs (adapter, models, prompts or settings) "
               "not reused")
-    head = [variant for variant in distinct[:2] if variant.cache_key not in cache]
-    rest = [variant for variant in distinct[2:] if variant.cache_key not in cache]
+    # a cached model without the over-refusal prompts is evaluated again where they are now wanted
+    benign = bool(data.get("benign_prompts"))
+    usable = {variant.cache_key for variant in distinct if variant.cache_key in cache and (
+        "over_refusals" in cache[variant.cache_key][0] or not (benign and _measures_over_refusal(variant, spec)))}
+    head = [variant for variant in distinct[:2] if variant.cache_key not in usable]
+    rest = [variant for variant in distinct[2:] if variant.cache_key not in usable]
     for variant in distinct:
-        if variant.cache_key in cache:
+        if variant.cache_key in usable:
             results[variant.key] = cache[variant.cache_key]
 
     def store(variant: Variant) -> None:

@@ -487,6 +487,48 @@ def test_evaluate_variants_in_worker_processes_matches_one_process(trained_tiny,
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 2
 
 
+def test_over_refusal_on_controls_reevaluates_only_the_controls_that_lack_it(trained_tiny, tokenizer, tmp_path):
+    """evaluation.over_refusal_controls: the named rules' random controls also get the benign prompts;
+    a cached evaluation is reused unless it lacks the over-refusal its model now needs."""
+    from transformers import AutoModelForCausalLM
+
+    template, alignment, scores, _, aligned_dir = trained_tiny
+    variants = recipe_variants.plan_variants(scores, ["ediem"], [0.25], [0, 1])
+    data = {"eval_prompts": [f"how do I do harmful thing {i}" for i in range(3)],
+            "task_eval": [(f"summarize dialogue {i}: hello there", "a greeting") for i in range(2)],
+            "benign_prompts": ["how do I bake bread", "name a colour"]}
+    spec = {"harmful_max_new_tokens": 3, "task_max_new_tokens": 4, "batch_size": 4, "benign_max_new_tokens": 3,
+            "over_refusal": ["aligned", "lora", "ediem"]}
+    cache = tmp_path / "variants.jsonl"
+
+    def run(extra: dict) -> list[dict]:
+        eval_model = AutoModelForCausalLM.from_pretrained(aligned_dir).eval()
+        return recipe_variants.evaluate_variants(variants, template, eval_model, tokenizer, alignment, data,
+                                                 {**spec, **extra}, cache_file=cache, fingerprint="same inputs")
+
+    own = {variant.key for variant in variants if variant.control is None}  # measured as a rule's model
+    fresh = {v.cache_key for v in variants if v.control == "kind-matched" and v.key not in own}
+    assert fresh
+
+    matched = {v.key for v in variants if v.control == "kind-matched"}
+
+    def measured(rows: list[dict], control: str) -> list[bool]:  # models of their own (identical ones share)
+        shared = own if control == "kind-matched" else own | matched
+        return [row["over_refusal_rate"] is not None for row, variant in zip(rows, variants, strict=True)
+                if variant.control == control and variant.key not in shared]
+
+    first = run({})
+    assert [row["over_refusal_rate"] is not None for row in first[:2]] == [True, True]  # aligned, LoRA
+    assert not any(measured(first, "kind-matched") + measured(first, "uniform"))
+    written = len(cache.read_text().splitlines())
+    again = run({"over_refusal_controls": ["ediem"]})
+    assert all(measured(again, "kind-matched")) and not any(measured(again, "uniform"))
+    assert len(cache.read_text().splitlines()) == written + len(fresh)  # only those were evaluated again
+    assert [row["refusal_rate"] for row in again] == [row["refusal_rate"] for row in first]
+    assert run({"over_refusal_controls": ["ediem"]}) == again  # now all cached
+    assert len(cache.read_text().splitlines()) == written + len(fresh)
+
+
 def test_check_lora_effect_names_what_failed():
     aligned = {"rougeL": 0.2, "refusal_rate": 0.9}
     good = {"rougeL": 0.6, "refusal_rate": 0.1}
