@@ -91,7 +91,7 @@ def probe_loss(probe: ProbeSet, model: nn.Module, share_prefix: bool = True) -> 
     ``share_prefix``: the tokens every pair of a batch starts with (the chat template's system
     prompt: about a third of a SmolLM2 probe pair) run once, and each row continues from their
     cache (as :func:`~splora_callback.evaluation.generate` does): the same loss to float rounding
-    (tested against ``share_prefix=False``), a third fewer token-passes on the demo's probe.
+    (tested against ``share_prefix=False``); on the demo's probe 3.0-3.4 s a pass instead of 3.5-3.7 s.
     """
     module = unwrap_parallel(model)
     device = next(module.parameters()).device
