@@ -118,8 +118,9 @@ def _gguf_parsed_once() -> Iterator[None]:
     transformers reads the GGUF file again for the config, the tokenizer and the weights (about 8 s
     per parse of SmolLM2's 49k-token vocabulary here) and rebuilds ``get_tensor_name_map`` for every
     module it walks (~400 times, ~8 s); both are looked up from the ``gguf`` module when called, so
-    a reader per path and a cached map are handed out instead: the same read-only objects, the same
-    checkpoint (tests/test_demo_models.py compares it with a conversion without this).
+    a reader per path and a cached map are handed out instead: the same read-only objects, and a
+    byte-identical checkpoint (every file's sha256 compared with a conversion without this, by hand:
+    docs/demo.md; tests/test_data.py checks the reuse and the restore).
     """
     import gguf
 

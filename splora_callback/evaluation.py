@@ -266,7 +266,7 @@ def _chat(tokenizer: Any, prompt: str) -> str:
     return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 
-def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """How many leading token ids every row has in common, leaving each row at least one of its own
     (``generate`` must run the model on one new token per row)."""
     shortest = min(len(row) for row in rows)
@@ -301,7 +301,7 @@ def _batch_inputs(
     as for plain left padding (transformers numbers positions by the attention mask's cumulative
     sum), so the shared tokens' keys and values are those of a single forward pass."""
     rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    shared = _shared_prefix_length(rows) if share_prefix and len(rows) > 1 else 0
+    shared = shared_prefix_length(rows) if share_prefix and len(rows) > 1 else 0
     width = max(len(row) for row in rows) - shared
     pad = tokenizer.pad_token_id
     ids = [row[:shared] + [pad] * (width - len(row) + shared) + row[shared:] for row in rows]

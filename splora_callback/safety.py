@@ -32,7 +32,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .data import IGNORE_INDEX
-from .evaluation import generate, prefix_cache, refusal_rate
+from .evaluation import generate, prefix_cache, refusal_rate, shared_prefix_length
 from .probe import ProbeSet, preserved_state, response_logits
 from .sharding import unwrap_parallel
 
@@ -72,11 +72,9 @@ def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """
     if input_ids.shape[0] < 2:
         return 0
-    same = (input_ids == input_ids[:1]).all(dim=0) & (attention_mask != 0).all(dim=0)
-    differs = (~same).nonzero()
-    length = int(differs[0]) if len(differs) else input_ids.shape[1]
+    rows = [row[:length].tolist() for row, length in zip(input_ids, (attention_mask != 0).sum(dim=1), strict=True)]
     needed = targets.any(dim=0).nonzero()
-    return min(length, int(needed[0]) if len(needed) else length)
+    return min(shared_prefix_length(rows), int(needed[0]) if len(needed) else input_ids.shape[1])
 
 
 @torch.no_grad()

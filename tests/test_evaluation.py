@@ -317,11 +317,11 @@ def test_shared_prefix_generation_equals_plain_left_padding(family, batch_size, 
 
 
 def test_shared_prefix_length_keeps_a_token_per_row():
-    from splora_callback.evaluation import _shared_prefix_length
+    from splora_callback.evaluation import shared_prefix_length
 
-    assert _shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert _shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is run
-    assert _shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is run
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
 
 
 def test_generate_rejects_bad_sizes(model, tokenizer):
