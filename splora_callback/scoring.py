@@ -7,6 +7,7 @@ is reported as a distance, so its sign is never ambiguous).
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,21 @@ class LayerScores:
         if granularity == "component" and not any(score.components for score in self):
             raise ValueError("These scores have no component scores: score with granularity='component'.")
         return LayerScores(self.metric, self.null, self.layers, granularity, self.losses)
+
+    def non_finite(self) -> list[str]:
+        """Every NaN or infinite number of these scores, as ``"<layer>.<field>=<value>"`` (losses as
+        ``"losses.<name>=<value>"``, components as ``"<layer>.components.<field>[i]=<value>"``);
+        ``[]`` when all are finite. What a selection or a JSON report must never be built from."""
+        found = [f"losses.{name}={value!r}" for name, value in self.losses.items()
+                 if value is not None and not math.isfinite(value)]
+        for score in self:
+            for key, value in asdict(score).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    found.append(f"{score.name}.{key}={value!r}")
+            for key, values in (score.components or {}).items():
+                found.extend(f"{score.name}.components.{key}[{index}]={value!r}" for index, value in enumerate(values)
+                             if value is not None and not math.isfinite(value))
+        return found
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "null": self.null, "granularity": self.granularity,
