@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
@@ -57,12 +60,12 @@ class SPLoRAConfig:
     budget: float | None = field(
         default=None,
         metadata={"help": "select='budget': largest predicted task-loss increase, as a share of the task loss "
-                          "(0.05 = 5 %)."},
+                          "(0.05: 5 percent)."},
     )
     restore: float = field(
         default=0.8,
         metadata={"help": "select='repair': share of the refusal-loss increase (LoRA vs aligned model, on the "
-                          "safety probe) the repair must undo, measured (0.8 = 80 %)."},
+                          "safety probe) the repair must undo, measured (0.8: 80 percent)."},
     )
     k: int | None = field(default=None, metadata={"help": "select='top_k': number of layers."})
     fraction: float | None = field(
@@ -156,6 +159,7 @@ class SPLoRAConfig:
                 "TrainingArguments.seed). The alias will be removed in 0.3.", FutureWarning, stacklevel=3,
             )
             self.permutation_seed = seed
+        check_field_types(self)
         if self.metric is None:
             self.metric = "probe" if self.probe is not None else "ediem"
         _check_choice("metric", self.metric, METRICS)
@@ -284,6 +288,59 @@ class SPLoRAConfig:
         data["probe"] = None if self.probe is None else repr(self.probe)
         data["utility"] = None if self.utility is None else repr(self.utility)
         return data
+
+
+def _type_ok(value: object, expected: Any) -> bool:
+    """Whether ``value`` has the annotated type ``expected`` (bool is not a number, a string is
+    not a number, an int is a float; ``Literal`` values are checked by :func:`_check_choice`)."""
+    origin, arguments = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, argument) for argument in arguments)
+    if expected is type(None):
+        return value is None
+    if origin is Literal:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(item, arguments[0]) for item in value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    """``int | None`` -> ``"an integer or None"``: the expected type, in the error message's words."""
+    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(argument) for argument in typing.get_args(expected))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(expected))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0]).removeprefix('a ')}s"
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def check_field_types(config: SPLoRAConfig) -> None:
+    """Every field of ``config`` has its annotated type, checked on construction (a wrong type
+    would otherwise surface as a raw ``TypeError`` at the last training step).
+
+    Raises:
+        TypeError: names the field, the value, its type and the expected type.
+    """
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value, expected = getattr(config, item.name), hints[item.name]
+        if not _type_ok(value, expected):
+            raise TypeError(
+                f"SPLoRAConfig.{item.name}={value!r:.80} has type {type(value).__name__}; expected "
+                f"{_type_name(expected)}."
+            )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

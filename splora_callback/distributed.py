@@ -46,8 +46,9 @@ from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, sp
 from .probe import SafetyProbe, UtilityProbe
 from .pruning import (
     ActionReport,
+    PreparedAction,
     acted_adapter,
-    apply_action,
+    prepare_action,
     save_acted_adapter,
     write_adapter,
 )
@@ -397,21 +398,22 @@ def _projected_up(model: nn.Module, alignment: AlignmentSubspace | None, chosen:
 
 
 @torch.no_grad()
-def apply_action_distributed(
+def prepare_action_distributed(
     model: nn.Module, alignment: AlignmentSubspace | None, chosen: Sequence[str],
     action: str | Callable[..., ActionReport] = "prune", adapter_name: str | None = None,
-) -> ActionReport:
-    """:func:`~splora_callback.pruning.apply_action` on every rank's replica, with a sliced alignment.
+) -> PreparedAction:
+    """:func:`~splora_callback.pruning.prepare_action` on every rank's replica, with a sliced
+    alignment: the action built aside, applied by ``commit()`` (all or none, on each rank).
 
-    ``prune`` needs no alignment; ``project`` gets each ``C B`` from the layer's owner. A callable
-    action runs on every rank with that rank's alignment slice. Collective.
+    ``prune`` needs no alignment; ``project`` gets each ``C B`` from the layer's owner (collective).
+    A callable action runs at ``commit()`` on every rank with that rank's alignment slice.
 
     Raises:
         ValueError: the model is sharded (see :func:`warn_if_sharded`; write the acted adapter
             with :func:`save_acted_adapter_distributed` instead).
     """
     if world_size() == 1 and sharding_engine(model) == "none":
-        return apply_action(model, alignment, chosen, action, adapter_name)
+        return prepare_action(model, alignment, chosen, action, adapter_name)
     if action != "none" and warn_if_sharded(model, action if isinstance(action, str) else "custom"):
         raise ValueError(
             f"action={action!r} cannot modify a sharded model ({sharding_engine(model)}) in place; call "
@@ -419,14 +421,17 @@ def apply_action_distributed(
         )
     replica = unwrap_parallel(model)
     if action != "project":
-        return apply_action(replica, alignment, chosen, action, adapter_name)
+        return prepare_action(replica, alignment, chosen, action, adapter_name)
     adapter = resolve_adapter_name(replica, adapter_name)
-    projected = _projected_up(model, alignment, chosen, adapter)
-    for name, layer in lora_layers(replica, adapter)[1]:
-        if name in projected:
-            weight = layer.lora_B[adapter].weight
-            weight.copy_(projected[name].to(device=weight.device, dtype=weight.dtype))
-    return ActionReport("project", list(chosen), adapter)
+    return prepare_action(replica, alignment, chosen, action, adapter, projected=_projected_up(model, alignment, chosen, adapter))
+
+
+def apply_action_distributed(
+    model: nn.Module, alignment: AlignmentSubspace | None, chosen: Sequence[str],
+    action: str | Callable[..., ActionReport] = "prune", adapter_name: str | None = None,
+) -> ActionReport:
+    """:func:`prepare_action_distributed`, committed: the action applied on every rank's replica."""
+    return prepare_action_distributed(model, alignment, chosen, action, adapter_name).commit()
 
 
 def _gather_adapter_tensors(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from .layers import (
     unwrap_peft,
 )
 from .metrics import safe_lora_projection
+from .transaction import Edit, LiveEdits, delete_item, set_attribute, set_item
 
 logger = logging.getLogger(__name__)
 
@@ -87,46 +88,83 @@ def excluded(exclude_modules: str | Iterable[str] | None, names: Sequence[str]) 
     return set(exclude_modules) | set(names)
 
 
-@torch.no_grad()
-def prune_layers(model: nn.Module, names: Sequence[str], adapter_name: str | None = None) -> ActionReport:
-    """Remove the LoRA update of ``names`` from the live model (SPLoRA's pruning).
+@dataclass
+class PreparedAction:
+    """An action built aside: what it will do (``report``) and the live-model changes that do it.
 
-    A module holding only this adapter is replaced by its base layer; with other adapters on it,
-    only this adapter is deleted there. The adapter config excludes the modules from then on.
-    Prune after training, not in the middle: the optimizer still holds the removed parameters.
+    Nothing of the model changes until :meth:`commit`, which applies every change or none
+    (:class:`~splora_callback.transaction.LiveEdits`); :meth:`rollback` undoes a commit.
     """
+
+    report: ActionReport
+    edits: LiveEdits = field(default_factory=LiveEdits)
+
+    def commit(self) -> ActionReport:
+        self.edits.commit()
+        return self.report
+
+    def rollback(self) -> None:
+        self.edits.rollback()
+
+
+def _layer_removal(model: nn.Module, name: str, adapter: str) -> list[Edit]:
+    """The edits that remove ``adapter``'s update from module ``name``.
+
+    A module holding only this adapter goes back to its base layer. With other adapters on it, only
+    this adapter's entries are removed, and which adapters are active stays as it was (PEFT's
+    ``delete_adapter`` would switch another adapter on in this module).
+    """
+    layer = _lora_layer(model, name, adapter)
+    if len(layer.lora_A) == 1:
+        root = unwrap_peft(model)
+        parent_name, _, child = name.rpartition(".")
+        return [set_attribute(root.get_submodule(parent_name) if parent_name else root, child, layer.get_base_layer())]
+    holders = (*layer.adapter_layer_names, *layer.other_param_names, "lora_variant", "frozen_peft_weight_names")
+    return [delete_item(getattr(layer, attr), adapter) for attr in holders
+            if isinstance(getattr(layer, attr, None), (dict, nn.ModuleDict, nn.ParameterDict))
+            and adapter in getattr(layer, attr)]
+
+
+def prepare_prune_layers(model: nn.Module, names: Sequence[str], adapter_name: str | None = None) -> PreparedAction:
+    """:func:`prune_layers`, built aside (:class:`PreparedAction`); the model is not changed."""
     adapter = resolve_adapter_name(model, adapter_name)
     names = checked_layer_names(model, names, adapter, prune=True)  # typos, one string, every layer
-    root = unwrap_peft(model)
-    removed = 0
+    prepared = PreparedAction(ActionReport("prune", list(names), adapter))
     for name in names:
         layer = _lora_layer(model, name, adapter)
-        removed += layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
-        if len(layer.lora_A) == 1:
-            parent_name, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, child, layer.get_base_layer())
-        else:
-            layer.delete_adapter(adapter)
+        prepared.report.parameters_removed += layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
+        prepared.edits.add(*_layer_removal(model, name, adapter))
     config = model.peft_config[adapter]
-    config.exclude_modules = excluded(config.exclude_modules, list(names))
-    return ActionReport("prune", list(names), adapter, removed)
+    prepared.edits.add(set_attribute(config, "exclude_modules", excluded(config.exclude_modules, list(names))))
+    return prepared
 
 
 @torch.no_grad()
-def prune_components(
-    model: nn.Module, chosen: Mapping[str, Sequence[int]], adapter_name: str | None = None
-) -> ActionReport:
-    """Remove the chosen rank-one components of each module's update from the live model (spec 3c).
+def prune_layers(model: nn.Module, names: Sequence[str], adapter_name: str | None = None) -> ActionReport:
+    """Remove the LoRA update of ``names`` from the live model (SPLoRA's pruning), all or none.
 
-    Each touched module gets new factors of rank r' holding exactly its kept components (those
-    with a non-negligible singular value that were not chosen) at the same scaling; the adapter
-    config's ``rank_pattern`` / ``alpha_pattern`` get the module's r' and alpha' (rsLoRA
-    included), so ``save_pretrained`` + ``PeftModel.from_pretrained`` rebuild the same weights. A
-    module with no component left is pruned as a layer (:func:`prune_layers`).
+    A module holding only this adapter is replaced by its base layer; with other adapters on it,
+    only this adapter is removed there (the active adapters stay as they were). The adapter config
+    excludes the modules from then on. Prune after training, not in the middle: the optimizer
+    still holds the removed parameters.
+    """
+    return prepare_prune_layers(model, names, adapter_name).commit()
+
+
+@torch.no_grad()
+def prepare_prune_components(
+    model: nn.Module, chosen: Mapping[str, Sequence[int]], adapter_name: str | None = None
+) -> PreparedAction:
+    """:func:`prune_components`, built aside (:class:`PreparedAction`); the model is not changed.
+
+    Raises:
+        ValueError: an index is not a component of the module's update, or a key of the adapter
+            config's ``rank_pattern`` / ``alpha_pattern`` would shadow a pruned module's rank.
     """
     adapter = resolve_adapter_name(model, adapter_name)
     config = model.peft_config[adapter]
-    report = ActionReport("prune", list(chosen), adapter)
+    prepared = PreparedAction(ActionReport("prune", list(chosen), adapter))
+    report, ranks, alphas = prepared.report, config.rank_pattern, config.alpha_pattern
     emptied = []
     for name, indices in chosen.items():
         layer = _lora_layer(model, name, adapter)
@@ -140,17 +178,36 @@ def prune_components(
             continue
         rank, rslora = len(keep.indices), bool(layer.use_rslora.get(adapter, config.use_rslora))
         alpha = kept_alpha(scaling, rank, rslora)
-        # checked before the module changes: a pattern that would shadow it raises here
-        config.rank_pattern, config.alpha_pattern = _with_pattern(config.rank_pattern, config.alpha_pattern, name, rank, alpha)
+        ranks, alphas = _with_pattern(ranks, alphas, name, rank, alpha)  # a shadowing pattern raises here
         new_down, new_up = kept_factors(keep.basis, keep.indices, scaling)
         report.parameters_removed += down.weight.numel() + up.weight.numel() - new_down.numel() - new_up.numel()
-        layer.lora_A[adapter] = _linear_like(down, new_down)
-        layer.lora_B[adapter] = _linear_like(up, new_up)
-        layer.r[adapter], layer.lora_alpha[adapter] = rank, alpha
-        layer.scaling[adapter] = alpha / math.sqrt(rank) if rslora else alpha / rank  # PEFT's formula, as on reload
+        prepared.edits.add(
+            set_item(layer.lora_A, adapter, _linear_like(down, new_down)),
+            set_item(layer.lora_B, adapter, _linear_like(up, new_up)),
+            set_item(layer.r, adapter, rank), set_item(layer.lora_alpha, adapter, alpha),
+            set_item(layer.scaling, adapter, alpha / math.sqrt(rank) if rslora else alpha / rank),  # PEFT's formula
+        )
+    prepared.edits.add(set_attribute(config, "rank_pattern", ranks), set_attribute(config, "alpha_pattern", alphas))
     if emptied:
-        report.parameters_removed += prune_layers(model, emptied, adapter).parameters_removed
-    return report
+        layers = prepare_prune_layers(model, emptied, adapter)
+        report.parameters_removed += layers.report.parameters_removed
+        prepared.edits.add(*layers.edits.edits)
+    return prepared
+
+
+def prune_components(
+    model: nn.Module, chosen: Mapping[str, Sequence[int]], adapter_name: str | None = None
+) -> ActionReport:
+    """Remove the chosen rank-one components of each module's update from the live model (spec 3c).
+
+    Each touched module gets new factors of rank r' holding exactly its kept components (those
+    with a non-negligible singular value that were not chosen) at the same scaling; the adapter
+    config's ``rank_pattern`` / ``alpha_pattern`` get the module's r' and alpha' (rsLoRA
+    included), so ``save_pretrained`` + ``PeftModel.from_pretrained`` rebuild the same weights. A
+    module with no component left is pruned as a layer (:func:`prune_layers`). All or none: every
+    new factor is built before the first module changes (:class:`PreparedAction`).
+    """
+    return prepare_prune_components(model, chosen, adapter_name).commit()
 
 
 class _Kept(NamedTuple):
@@ -210,16 +267,43 @@ def _with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: s
 
 
 @torch.no_grad()
+def prepare_project_layers(
+    model: nn.Module, alignment: AlignmentSubspace | None, names: Sequence[str], adapter_name: str | None = None,
+    projected: Mapping[str, torch.Tensor] | None = None,
+) -> PreparedAction:
+    """:func:`project_layers`, built aside; ``projected``: each layer's ``C B`` when computed
+    elsewhere (by its owner rank), else computed here from ``alignment``."""
+    adapter = resolve_adapter_name(model, adapter_name)
+    prepared = PreparedAction(ActionReport("project", list(names), adapter))
+    for name in names:
+        weight = _lora_layer(model, name, adapter).lora_B[adapter].weight
+        if projected is None:
+            _check_projectable(alignment, name)
+            new = safe_lora_projection(alignment.directions[name], weight, alignment.frobenius_norms[name])
+        else:
+            new = projected[name]
+        prepared.edits.add(_copy_into(weight, new))
+    return prepared
+
+
+def _copy_into(weight: torch.Tensor, value: torch.Tensor) -> Edit:
+    """``weight.copy_(value)`` in place (the parameter the model holds stays the same object), undoable."""
+    new = value.detach().to(device=weight.device, dtype=weight.dtype).clone()
+    old = weight.detach().clone()
+
+    def copy(source: torch.Tensor) -> None:
+        with torch.no_grad():
+            weight.copy_(source)
+
+    return Edit(lambda: copy(new), lambda: copy(old))
+
+
+@torch.no_grad()
 def project_layers(
     model: nn.Module, alignment: AlignmentSubspace, names: Sequence[str], adapter_name: str | None = None
 ) -> ActionReport:
-    """Safe LoRA's action on the live model: ``B <- C B`` with ``C = V V^T / ||V||_F``."""
-    adapter = resolve_adapter_name(model, adapter_name)
-    for name in names:
-        _check_projectable(alignment, name)
-        weight = _lora_layer(model, name, adapter).lora_B[adapter].weight
-        weight.copy_(safe_lora_projection(alignment.directions[name], weight, alignment.frobenius_norms[name]))
-    return ActionReport("project", list(names), adapter)
+    """Safe LoRA's action on the live model: ``B <- C B`` with ``C = V V^T / ||V||_F``, all or none."""
+    return prepare_project_layers(model, alignment, names, adapter_name).commit()
 
 
 def _check_projectable(alignment: AlignmentSubspace | None, name: str) -> None:
@@ -227,43 +311,70 @@ def _check_projectable(alignment: AlignmentSubspace | None, name: str) -> None:
         raise ValueError(f"{name}: 'project' needs a non-zero alignment direction for this module.")
 
 
-def _no_action(model: nn.Module, alignment: AlignmentSubspace | None, names: Sequence[str], adapter_name: str | None = None) -> ActionReport:
-    return ActionReport("none", list(names), resolve_adapter_name(model, adapter_name))
-
-
 ACTIONS: dict[str, Callable[..., ActionReport]] = {
     "prune": lambda model, alignment, names, adapter_name=None: prune_layers(model, names, adapter_name),
     "project": project_layers,
-    "none": _no_action,
+    "none": lambda model, alignment, names, adapter_name=None: ActionReport(
+        "none", list(names), resolve_adapter_name(model, adapter_name)),
 }
+
+
+def prepare_action(
+    model: nn.Module,
+    alignment: AlignmentSubspace | None,
+    chosen: Sequence[str] | Mapping[str, Sequence[int]],
+    action: Action | Callable[..., ActionReport] = "prune",
+    adapter_name: str | None = None,
+    projected: Mapping[str, torch.Tensor] | None = None,
+) -> PreparedAction:
+    """``action`` on ``chosen`` (layers, or rank-one components) built aside: every check done and
+    every new value computed; the live model changes only at ``commit()``, all or none.
+
+    A callable ``action`` (same signature as :data:`ACTIONS`' values) cannot be built aside: it
+    runs at ``commit()``, as one edit without undo.
+    """
+    adapter = resolve_adapter_name(model, adapter_name)
+    if isinstance(chosen, Mapping):  # rank-one components (spec 3c)
+        if action == "prune":
+            return prepare_prune_components(model, chosen, adapter)
+        if action == "none":
+            return PreparedAction(ActionReport("none", list(chosen), adapter,
+                                               components={name: sorted(indices) for name, indices in chosen.items()}))
+        raise ValueError(f"action={action!r} acts on layers; a component selection supports 'prune' and 'none'.")
+    if isinstance(action, str) and action not in ACTIONS:
+        raise ValueError(f"action={action!r}; expected one of {sorted(ACTIONS)} or a callable.")
+    chosen = checked_layer_names(model, chosen, adapter_name)  # one string, unknown names: say so
+    if action == "prune":
+        return prepare_prune_layers(model, chosen, adapter)
+    if action == "project":
+        return prepare_project_layers(model, alignment, chosen, adapter, projected)
+    if action == "none":
+        return PreparedAction(ActionReport("none", list(chosen), adapter))
+    prepared = PreparedAction(ActionReport("custom", list(chosen), adapter))
+
+    def run() -> None:
+        prepared.report = action(model, alignment, list(chosen), adapter_name=adapter_name)
+
+    prepared.edits.add(Edit(run, lambda: None))
+    return prepared
 
 
 def apply_action(
     model: nn.Module,
     alignment: AlignmentSubspace | None,
-    chosen: Sequence[str],
+    chosen: Sequence[str] | Mapping[str, Sequence[int]],
     action: Action | Callable[..., ActionReport] = "prune",
     adapter_name: str | None = None,
 ) -> ActionReport:
-    """Apply ``action`` to the ``chosen`` layers of the live model and report what was done.
-
-    ``action`` is a name in :data:`ACTIONS` or a callable with the same signature.
-    """
-    if isinstance(chosen, Mapping):  # rank-one components (spec 3c)
-        if action == "prune":
-            report = prune_components(model, chosen, adapter_name)
-            logger.info("SPLoRA prune: %d component(s) in %d layer(s)", sum(map(len, chosen.values())), len(chosen))
-            return report
-        if action == "none":
-            return ActionReport("none", list(chosen), resolve_adapter_name(model, adapter_name),
-                                components={name: sorted(indices) for name, indices in chosen.items()})
-        raise ValueError(f"action={action!r} acts on layers; a component selection supports 'prune' and 'none'.")
-    function = ACTIONS.get(action) if isinstance(action, str) else action
-    if function is None:
-        raise ValueError(f"action={action!r}; expected one of {sorted(ACTIONS)} or a callable.")
-    chosen = checked_layer_names(model, chosen, adapter_name)  # one string, unknown names: say so
-    report = function(model, alignment, list(chosen), adapter_name=adapter_name)
-    logger.info("SPLoRA %s: %d layer(s) %s", report.action, len(report.layers), report.layers[:8])
+    """Apply ``action`` to the ``chosen`` layers (or components) of the live model, all or none,
+    and report what was done. ``action`` is a name in :data:`ACTIONS` or a callable with the same
+    signature."""
+    report = prepare_action(model, alignment, chosen, action, adapter_name).commit()
+    if isinstance(chosen, Mapping):
+        logger.info("SPLoRA %s: %d component(s) in %d layer(s)", report.action, sum(map(len, chosen.values())),
+                    len(chosen))
+    else:
+        logger.info("SPLoRA %s: %d layer(s) %s", report.action, len(report.layers), report.layers[:8])
     return report
 
 
