@@ -35,10 +35,11 @@ from .checkpoint import CheckpointError
 from .config import SPLoRAConfig
 from .dashboard import write_html_report
 from .distributed import (
+    all_gather_object,
     alignment_for_rank,
     alignment_info,
-    apply_action_distributed,
     broadcast_object,
+    prepare_action_distributed,
     save_acted_adapter_distributed,
     score_layers_distributed,
 )
@@ -46,32 +47,23 @@ from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
+from .pruning import PreparedAction
 from .repair import RepairTrace, predicted_repair, repair_selection
+from .resume import CHECKPOINT_SUBDIR, checkpoint_copies, config_changes, drop_loaded_copies, passed_callback, remember_passed
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks, probe_loss
 from .scoring import LayerScores
 from .selection import predicted_change, removed_ranks, select_layers
+from .repair_hint import repair_command
 from .sharding import lora_layers, warn_if_sharded
 from .trackers import CONSOLE_LOGGER, Trackers, configure_logging, final_line
 
 logger = logging.get_logger(__name__)
 console = logging.get_logger(CONSOLE_LOGGER)
 
-CHECKPOINT_SUBDIR = "splora"
-# The probes are not JSON, so a resumed callback (rebuilt by the Trainer from JSON args) finds the
-# (safety, utility) probes of the callback the user passed in this process here, keyed by the rest
-# of the config.
-_PROBES: dict[str, tuple[Any, Any]] = {}
-NOT_SERIALISED = ("probe", "utility")
-
-
 def _config_args(config: SPLoRAConfig) -> dict[str, Any]:
     """The JSON-able constructor arguments of ``config`` (everything but the probes)."""
-    return {key: value for key, value in config.to_dict().items() if key not in NOT_SERIALISED}
-
-
-def _probe_key(config_args: dict[str, Any]) -> str:
-    return json.dumps(config_args, sort_keys=True)
+    return {key: value for key, value in config.to_dict().items() if key not in ("probe", "utility")}
 
 
 def default_utility_probe(train_dataloader: Any, examples: int, seed: int) -> tuple[UtilityProbe, str]:
@@ -120,7 +112,21 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         ValueError: ``refusal_prompts`` without a tokenizer (``Trainer(processing_class=...)``).
     """
 
-    def __init__(self, config: SPLoRAConfig | dict[str, Any] | None = None, **kwargs: Any):
+    def __new__(cls, config: SPLoRAConfig | dict[str, Any] | None = None, _resumed: bool = False, **kwargs: Any):
+        """A resuming Trainer rebuilds the callback from the checkpoint's JSON (``type(callback)(**args)``,
+        with ``restore_callback_states_from_checkpoint=True``; ``_resumed`` marks those args): it gets
+        back the callback the user passed in this process, with its config and probes (differences
+        from the saved config are logged in ``on_train_begin``), and the saved history restored into it."""
+        if _resumed and isinstance(config, dict) and not kwargs:
+            passed = passed_callback(cls)
+            if passed is not None:
+                passed._handed_back = True
+                return passed
+        return super().__new__(cls)
+
+    def __init__(self, config: SPLoRAConfig | dict[str, Any] | None = None, _resumed: bool = False, **kwargs: Any):
+        if _resumed and getattr(self, "_handed_back", False):  # the user's callback, handed back on resume
+            return
         if config is None:  # keywords: SPLoRACallback(base_model=..., select="top_k", k=10), or none at all
             geometry = kwargs.get("metric", "ediem") != "probe"  # metric="probe" alone needs no base model
             config = SPLoRAConfig(**{"base_model": AUTO if geometry else None, **kwargs})
@@ -134,23 +140,22 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 f"SPLoRACallback takes an SPLoRAConfig, got {type(config).__name__} {config!r:.60}; write "
                 "SPLoRACallback(base_model=..., select='top_k', k=10) or SPLoRACallback(SPLoRAConfig(...))."
             )
-        if isinstance(config, dict):
-            probe, utility = _PROBES.get(_probe_key(config), (None, None))
-            if config.get("metric") == "probe" and probe is None:
+        if isinstance(config, dict):  # a saved state, with no callback of this process to hand back
+            if config.get("metric") == "probe":
                 raise ValueError(
                     "SPLoRACallback: cannot rebuild a metric='probe' callback from saved state without "
-                    "its probe; pass SPLoRACallback(SPLoRAConfig(..., probe=...)) with the same config to "
-                    "the Trainer."
+                    "its probe; pass SPLoRACallback(SPLoRAConfig(..., probe=...)) to the Trainer."
                 )
-            config = SPLoRAConfig(**config, probe=probe, utility=utility)
-        elif config.probe is not None or config.utility is not None:
-            _PROBES[_probe_key(_config_args(config))] = (config.probe, config.utility)
+            config = SPLoRAConfig(**{key: value for key, value in config.items() if key not in ("probe", "utility")})
+        else:
+            remember_passed(self)
         self.config = config
         self.history: list[dict[str, Any]] = []
         self.alerted: list[str] = []
         self.checkpoints: list[dict[str, Any]] = []
         self.selected: list[str] = []
         self.action_report: dict[str, Any] | None = None
+        self.previous_actions: list[dict[str, Any]] = []  # of earlier train() calls on this callback
         self._alignment: AlignmentSubspace | None = None
         self._alignment_info: dict[str, Any] | None = None
         self._scores: LayerScores | None = None
@@ -167,7 +172,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """JSON state saved in every checkpoint's ``trainer_state.json`` (``ExportableState``)."""
         return {
-            "args": {"config": _config_args(self.config)},
+            "args": {"config": _config_args(self.config), "_resumed": True},
             "attributes": {"history": self.history, "alerted": self.alerted, "checkpoints": self.checkpoints,
                            "safety_state": self._safety.state()},
         }
@@ -218,18 +223,29 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         """
         configure_logging(args)
         config = self.config
+        self._begin_again(state)
         if state.global_step > 0 and not self.history and not args.restore_callback_states_from_checkpoint:
             logger.warning(
                 "Resuming at step %d without TrainingArguments(restore_callback_states_from_checkpoint="
                 "True): SPLoRA's score history before this step is not restored.", state.global_step)
+        dropped = drop_loaded_copies(model, resolve_adapter_name(model, config.adapter_name)) if state.global_step else []
+        if dropped and state.is_world_process_zero:
+            logger.warning("SPLoRA: resuming, the Trainer loaded the checkpoint's %s/ folder (SPLoRA's acted copy) as "
+                           "a second adapter %r; it was removed: only the adapter being trained runs and is saved.",
+                           CHECKPOINT_SUBDIR, dropped[0])
         adapter, layers = lora_layers(model, config.adapter_name)  # no LoRA / DoRA: raise now
         if config.base_model == AUTO:
             self._resolve_base_model(model)
+        self._compare_saved_config(state)
         sharded = warn_if_sharded(model, config.action)
         preflight.resume_without_state(state, self, args.restore_callback_states_from_checkpoint)
         preflight.check_not_pruning_everything(config, len(layers))
+        preflight.check_action_needs(model, adapter, config, [name for name, _ in layers])
         preflight.check_output_dir(args.output_dir)  # not after training, when the report is written
         preflight.check_acted_outputs(args.output_dir, model, adapter, config, sharded)
+        if state.is_world_process_zero:
+            preflight.warn_if_card_unmergeable(args.output_dir)
+            self.checkpoints = checkpoint_copies(args.output_dir, self.checkpoints)
         attributed = [entry for entry in self.history if entry.get("probes", True)]
         if attributed:  # restored from a checkpoint
             self._scores = LayerScores.from_dict(attributed[-1]["scores"])
@@ -282,12 +298,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         every = self.config.score_every_n_steps
         acts = state.global_step >= state.max_steps or (self.config.prune_at_checkpoints and control.should_save)
         if (every and state.global_step % every == 0) or acts:
-            self._score(args, state, model, measured=acts)
+            self._guarded(f"scoring at step {state.global_step}", self._score, args, state, model, measured=acts)
         if self._safety.rate_due(state.global_step, state.max_steps):
-            scalars, alerts = self._safety.measure_rate(model, state.global_step)
-            if state.is_world_process_zero:
-                self._trackers.log_scalars(scalars, state.global_step)
-                self._safety_alerts(alerts)
+            self._guarded(f"the refusal rate at step {state.global_step}", self._measure_rate, state, model)
         if self._safety.should_stop(state.global_step):  # the same decision on every rank
             logger.warning("SPLoRA: stopping training at step %d: the safety signal was past its alert level at %d "
                            "checks in a row (early_stopping_patience).", state.global_step,
@@ -298,11 +311,13 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 model: nn.Module | None = None, **kwargs) -> None:
         """Write ``checkpoint-N/splora/`` (acted adapter + report) and refresh the running report."""
         if self.config.prune_at_checkpoints:
-            scores = self._latest_scores(args, state, model)  # scored in on_step_end unless an epoch save
-            self._write_checkpoint(args, state, model, scores, self.history[-1]["selected"])
+            self._guarded(f"the acted copy of checkpoint {state.global_step}", self._write_checkpoint, args, state, model)
+        if state.is_world_process_zero:  # save_total_limit may have deleted old checkpoints (and their copies)
+            self.checkpoints = checkpoint_copies(args.output_dir, self.checkpoints)
         if state.is_world_process_zero and self.history:
             selected = next((entry["selected"] for entry in reversed(self.history) if entry["selected"] is not None), [])
-            write_json_report(args.output_dir, self._report("running", state, selected, None))
+            self._guarded("the running report", lambda: write_json_report(
+                args.output_dir, self._report("running", state, selected, None)))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs) -> None:
@@ -310,38 +325,133 @@ class SPLoRACallback(TrainerCallback, ExportableState):
 
         Runs after the Trainer's last checkpoint was saved (that checkpoint keeps the unpruned
         adapter, so resuming from it stays exact) and before the user's ``trainer.save_model()``,
-        which therefore writes the pruned adapter.
+        which therefore writes the pruned adapter. All or nothing: the action is built aside and
+        swapped into the live model in one step; if anything fails on the way, on any rank
+        (scoring, the action, the report, the card), the live model is left as trained, the error
+        is logged with how to repair the saved adapter afterwards, and training is not lost
+        (``strict=True`` raises instead).
         """
-        unmeasured = self.config.select == "repair" and bool(self.history) and "repair_trace" not in self.history[-1]
-        self._latest_scores(args, state, model, rescore=args.load_best_model_at_end or unmeasured)
-        self.selected = copy.deepcopy(self.history[-1]["selected"])
+        prepared, error = None, None
+        try:
+            prepared = self._prepare_end_action(args, state, model)
+            if prepared is not None:
+                self.action_report = prepared.commit().to_dict()
+                if self.config.action != "none" and self.selected:  # the measured effect: every rank, the same passes
+                    self._safety.after_action(model, self._measured_refusal_loss())
+            if state.is_world_process_zero:
+                self._finish(args, state, model)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the training must not be lost
+            error = exc
+        failures = [text for text in all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+                    if text is not None]
+        if failures:
+            if prepared is not None:
+                prepared.rollback()
+            self._action_failed(args, state, model, failures[0])
+        self._alignment = None  # V can be as large as the adapted weights: free it
+        if failures and self.config.strict:
+            raise error if error is not None else RuntimeError(f"SPLoRA: another process failed: {failures[0]}")
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _prepare_end_action(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> PreparedAction | None:
+        """The final scores and selection, and the action built aside (None: nothing to swap in);
+        nothing of the live model changes here."""
         config = self.config
-        refused = config.prune_at_end and preflight.refusal_to_prune_everything(
-            config, self.selected, self.history[-1]["scores"])
+        unmeasured = config.select == "repair" and bool(self.history) and "repair_trace" not in self.history[-1]
+        self._latest_scores(args, state, model, rescore=args.load_best_model_at_end or unmeasured)
+        entry = self.history[-1]
+        self.selected = copy.deepcopy(entry["selected"])
+        if not config.prune_at_end:
+            return None
+        if entry.get("non_finite"):  # named in _score; a selection by NaN is no selection
+            self.selected = []
+            self.action_report = {"action": "none", "layers": [], "skipped": (
+                f"non-finite scores ({', '.join(entry['non_finite'][:3])}): nothing acted on")}
+            return None
+        refused = preflight.refusal_to_prune_everything(config, self.selected, entry["scores"])
         if refused:  # every layer selected: the model stays as trained, the report says why
             self.action_report = refused
-        elif config.prune_at_end and warn_if_sharded(model, config.action):
+            return None
+        if warn_if_sharded(model, config.action):
             # FSDP / ZeRO-3: the live flat parameters are not edited; the acted adapter is written aside
             target = Path(args.output_dir) / CHECKPOINT_SUBDIR
             save_acted_adapter_distributed(model, target, self.selected, config.action, self._alignment,
                                            config.adapter_name, overwrite=True)
             self.action_report = {"action": config.action, "layers": list(self.selected),
                                   "applied_to": str(target), "live_model": "unchanged (sharded)"}
-        elif config.prune_at_end:
-            acted = apply_action_distributed(model, self._alignment, self.selected, config.action,
-                                             config.adapter_name)
-            self.action_report = acted.to_dict()
-            if config.action != "none" and self.selected:  # the measured effect: every rank, the same passes
-                self._safety.after_action(model, self._measured_refusal_loss())
-        if state.is_world_process_zero:
-            self._finish(args, state, model)
-        self._alignment = None  # V can be as large as the adapted weights: free it
+            return None
+        return prepare_action_distributed(model, self._alignment, self.selected, config.action, config.adapter_name)
 
-    # --- helpers ---------------------------------------------------------------------------------
+    def _action_failed(self, args: TrainingArguments, state: TrainerState, model: nn.Module, failure: str) -> None:
+        """Log a failed end of training with what was kept and how to repair afterwards; record it
+        in the report when the report can still be written."""
+        self.action_report = {"action": "none", "layers": [], "failed": failure,
+                              "live_model": "as trained (unpruned)", "selected": self.selected}
+        if not state.is_world_process_zero:
+            return
+        logger.error(
+            "SPLoRA: the action at the end of training failed (%s). The live model is left as trained and "
+            "trainer.save_model() saves it unpruned; nothing of the training is lost. To repair the saved adapter "
+            "afterwards: %s (SPLoRAConfig(strict=True) raises instead of this message).", failure,
+            repair_command(self.config, args.output_dir, self._aligned_model))
+        try:
+            report = self._report("failed", state, self.selected or [], self.action_report)
+            write_json_report(args.output_dir, report)
+            write_model_card(args.output_dir, facts_from_report(report, REPORT_JSON))  # no claim of an action
+        except Exception as error:  # noqa: BLE001 - the message above is the record then
+            logger.error("SPLoRA: the report could not be written either (%s: %s).", type(error).__name__, error)
+
+    def _guarded(self, what: str, work: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``work``; an exception is logged (naming ``what``) and training goes on, unless
+        ``strict``. A monitoring step is never worth the training."""
+        try:
+            return work(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            if self.config.strict:
+                raise
+            logger.error("SPLoRA: %s failed (%s: %s); training goes on without it (SPLoRAConfig(strict=True) "
+                         "raises instead).", what, type(error).__name__, error)
+            return None
+
+    def _measure_rate(self, state: TrainerState, model: nn.Module) -> None:
+        """The refusal rate on ``refusal_prompts`` (greedy generation), logged and alerted on."""
+        scalars, alerts = self._safety.measure_rate(model, state.global_step)
+        if state.is_world_process_zero:
+            self._trackers.log_scalars(scalars, state.global_step)
+            self._safety_alerts(alerts)
+
+    def _begin_again(self, state: TrainerState) -> None:
+        """A second ``train()`` on the same callback: the earlier action is kept in the report
+        (``previous_actions``) and said, as the live model already carries it."""
+        if self.action_report is None:
+            return
+        self.previous_actions.append({**self.action_report, "history_steps": [e["step"] for e in self.history]})
+        self.action_report, self.selected = None, []
+        if state.is_world_process_zero:
+            logger.warning("SPLoRA: train() again on a callback that already acted (%s on %d unit(s)): the live model "
+                           "keeps that action and this run's action comes on top; the report lists both "
+                           "(previous_actions).", self.previous_actions[-1].get("action"),
+                           len(self.previous_actions[-1].get("layers") or []))
+
+    def _compare_saved_config(self, state: TrainerState) -> None:
+        """Resuming: say which settings differ from the checkpoint's saved config (the new ones are used)."""
+        saved = (state.stateful_callbacks.get(type(self).__name__) or {}) if state.global_step else {}
+        if isinstance(saved, list):
+            saved = saved[0] if saved else {}
+        saved_config = (saved.get("args") or {}).get("config")
+        if not isinstance(saved_config, dict) or not state.is_world_process_zero:
+            return
+        changes = config_changes(saved_config, _config_args(self.config))
+        if changes:
+            logger.warning("SPLoRA: resuming at step %d with a config that differs from the checkpoint's: %s. The new "
+                           "config is used from here on; the history before this step was scored with the old one.",
+                           state.global_step, "; ".join(changes))
 
     def _finish(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         """Main process, end of training: report (JSON, then HTML: always, the offline record),
         trackers, the model card, and one console line saying what was done and where things are."""
+        self.checkpoints = checkpoint_copies(args.output_dir, self.checkpoints)
         report = self._report("finished", state, self.selected, self.action_report)
         write_json_report(args.output_dir, report)
         self._trackers.final(report)
@@ -366,8 +476,6 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         reads the same files; no Hub request offline)."""
         aligned = self.config.aligned_model or aligned_name_or_path(model, self.config.adapter_name)
         self.config.base_model, self.base_model_source = infer_base_model(aligned)
-        if self.config.probe is not None or self.config.utility is not None:  # found again on resume
-            _PROBES[_probe_key(_config_args(self.config))] = (self.config.probe, self.config.utility)
 
     def _safety_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """Main process: each new safety alert as a warning and a W&B alert."""
@@ -386,7 +494,15 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         seconds = time.perf_counter() - start
         entry: dict[str, Any] = {"step": state.global_step, "seconds": seconds}
         aligned_loss = self._safety.monitor.aligned_refusal_loss
-        if not probes:  # geometry and the refusal loss only: a probe rule selects nothing here
+        non_finite = scores.non_finite()
+        if non_finite:  # never a selection (or an action) by NaN / inf: named, nothing selected
+            entry["non_finite"] = non_finite[:20]
+            selected = None
+            (logger.warning if measured else logger.info)(
+                "SPLoRA: step %d: %d non-finite score(s) (%s%s); nothing is selected%s.", state.global_step,
+                len(non_finite), ", ".join(non_finite[:3]), ", ..." if len(non_finite) > 3 else "",
+                " and nothing acted on: the adapter is kept as trained" if measured else " at this step")
+        elif not probes:  # geometry and the refusal loss only: a probe rule selects nothing here
             entry["probes"] = False
             needs_probes = self.config.metric == "probe" or self.config.select in ("budget", "repair")
             selected = None if needs_probes else select_layers(scores, **self.config.selection_kwargs())
@@ -439,14 +555,17 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         logger.warning("SPLoRA: %s", text)
         self._trackers.alert(f"SPLoRA: safety drift at step {step}", text)
 
-    def _write_checkpoint(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
-                          scores: LayerScores, chosen: list[str]) -> None:
+    def _write_checkpoint(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         """``checkpoint-N/splora/``: the adapter as the action would leave it, and its report."""
+        scores = self._latest_scores(args, state, model)  # scored in on_step_end unless an epoch save
+        chosen = self.history[-1]["selected"]
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not broadcast_object(folder.is_dir() if state.is_world_process_zero else None):
             logger.warning("SPLoRA: checkpoint folder %s not found; no acted adapter written.", folder)
             return
         target, action = folder / CHECKPOINT_SUBDIR, self.config.action
+        if chosen is None:  # non-finite scores (named in _score): no acted copy
+            return
         if preflight.refusal_to_prune_everything(self.config, chosen, scores) is not None:
             return  # every layer selected: no acted copy (it could not be loaded); logged
         if action != "none":  # collective: adapter tensors are gathered to the main process, which writes
@@ -473,6 +592,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             self.config.to_dict(), self.history, selected=selected, action=action, status=status,
             step=state.global_step, checkpoints=self.checkpoints, alignment=self._alignment_info,
         )
+        if self.previous_actions:
+            report["previous_actions"] = self.previous_actions
         if self._scores is not None and (self._scores.losses or self.config.granularity == "component"):
             report["repair"] = {"utility_source": self.utility_source,
                                 **predicted_change(self._scores, selected)}

@@ -24,6 +24,8 @@ class SPLoRAConfig:
     """Options of SPLoRA scoring, selection and action (what :class:`SPLoRACallback` takes).
 
     Raises (on construction):
+        ConfigTypeError: a field has the wrong type (also a ``ValueError``); the message names
+            the field, the value, its type and the expected type.
         ValueError: a field is out of range; the message names the field, the value and the
             accepted values.
     """
@@ -147,6 +149,11 @@ class SPLoRAConfig:
     )
     utility_examples: int = field(
         default=32, metadata={"help": "Examples of the utility probe the callback builds when utility is None."}
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Raise when scoring or the action fails during or after training. Default: log the error "
+                          "and keep the training (the live model left as trained, trainer.save_model() saves it)."},
     )
     # Deprecated alias of permutation_seed (clashed with TrainingArguments.seed in HfArgumentParser);
     # an InitVar, so argument parsers never see it. Removed in 0.3.
@@ -290,6 +297,11 @@ class SPLoRAConfig:
         return data
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A field of :class:`SPLoRAConfig` has the wrong type (a ``ValueError`` too, as every other
+    bad config value, so that one ``except ValueError`` catches both)."""
+
+
 def _type_ok(value: object, expected: Any) -> bool:
     """Whether ``value`` has the annotated type ``expected`` (bool is not a number, a string is
     not a number, an int is a float; ``Literal`` values are checked by :func:`_check_choice`)."""
@@ -331,13 +343,13 @@ def check_field_types(config: SPLoRAConfig) -> None:
     would otherwise surface as a raw ``TypeError`` at the last training step).
 
     Raises:
-        TypeError: names the field, the value, its type and the expected type.
+        ConfigTypeError: names the field, the value, its type and the expected type.
     """
     hints = typing.get_type_hints(type(config))
     for item in dataclasses.fields(config):
         value, expected = getattr(config, item.name), hints[item.name]
         if not _type_ok(value, expected):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"SPLoRAConfig.{item.name}={value!r:.80} has type {type(value).__name__}; expected "
                 f"{_type_name(expected)}."
             )

@@ -156,15 +156,52 @@ def card_block(facts: CardFacts) -> str:
     return "\n".join(parts)
 
 
+UNPARSED_CARD = "README.unparsed.md"
+
+
+def card_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder/README.md`` cannot be merged (its YAML front matter does not parse, or is not a
+    mapping), or None (no card, or a good one). PEFT's ``save_pretrained`` (``trainer.save_model``)
+    updates that card first and, on such a card, raises and saves nothing."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / CARD
+    if not path.is_file():
+        return None
+    try:
+        ModelCard.load(path)
+    except Exception as error:  # yaml's ParserError / ScannerError, the Hub's ValueError, a decode error
+        return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    return None
+
+
+def _move_aside(path: Path, problem: str) -> Path:
+    """Rename an unmergeable card to ``README.unparsed.md`` (a free name; its bytes unchanged), warned."""
+    target, number = path.with_name(UNPARSED_CARD), 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"README.unparsed-{number}.md")
+    os.replace(path, target)
+    logger.warning("SPLoRA: %s could not be merged (%s); it was moved, unchanged, to %s, and a new card written, "
+                   "so that save_pretrained (which fails on such a card, saving nothing) can save the adapter. "
+                   "Copy what you need from it into the new card.", path, problem, target.name)
+    return target
+
+
 def write_model_card(folder: str | os.PathLike, facts: CardFacts) -> Path:
     """Write (or update) ``folder/README.md`` with the SPLoRA block; keep any other card content.
 
     Metadata is merged: ``base_model`` (the aligned model) and ``library_name`` are set when absent,
-    :data:`TAGS` added. A previous SPLoRA block is replaced, never duplicated. Atomic.
+    :data:`TAGS` added. A previous SPLoRA block is replaced, never duplicated. Atomic. A card whose
+    front matter does not parse is never worth the adapter: it is moved aside (:data:`UNPARSED_CARD`,
+    its bytes unchanged, warned) and a new card written.
     """
     from huggingface_hub import ModelCard
 
     path = Path(folder) / CARD
+    problem = card_problem(folder)
+    if problem is not None:
+        _move_aside(path, problem)
     existing = ModelCard.load(path) if path.is_file() else None
     data = existing.data.to_dict() if existing is not None else {}
     body = existing.text if existing is not None else ""

@@ -18,6 +18,8 @@ from torch import nn
 
 from ._io import OutputNotWritableError, check_output_path, check_writable
 from .layers import NothingLeftError, check_not_everything, model_input_paths
+from .model_card import CARD, UNPARSED_CARD, card_problem
+from .pruning import check_adapter_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,36 @@ def check_acted_outputs(output_dir: str, model: nn.Module, adapter: str, config:
     inputs.update({"base model": config.base_model, "aligned model": config.aligned_model,
                    "alignment cache": config.alignment_cache})
     check_output_path(Path(output_dir) / "splora", inputs, what="SPLoRA's adapter folder")
+
+
+def check_action_needs(model: nn.Module, adapter: str, config: Any, names: list[str]) -> None:
+    """What the action at the end will need of the adapter config (its regexes, the pattern keys
+    component pruning adds), checked before step 1 rather than after training.
+
+    Raises:
+        ValueError: names the field (``exclude_modules``, ``rank_pattern``, ``alpha_pattern``), the
+            key and the fix.
+    """
+    if config.action == "none" or not (config.prune_at_end or config.prune_at_checkpoints):
+        return
+    peft_config = model.peft_config[adapter] if hasattr(model, "peft_config") else {}
+    try:
+        check_adapter_patterns(peft_config, names, components=config.action == "prune" and config.granularity == "component")
+    except ValueError as error:
+        raise ValueError(f"SPLoRACallback: {error} (checked before step 1: the action at the end of training "
+                         "would fail on it)") from error
+
+
+def warn_if_card_unmergeable(output_dir: str) -> None:
+    """Warn before step 1 when ``output_dir/README.md`` cannot be merged: PEFT's ``save_pretrained``
+    fails on it; at the end of training SPLoRA moves it aside (``model_card.write_model_card``)."""
+    problem = card_problem(output_dir)
+    if problem is not None:
+        logger.warning(
+            "SPLoRA: %s has YAML front matter that does not parse (%s). PEFT's save_pretrained "
+            "(trainer.save_model) raises on such a card and saves nothing, so at the end of training SPLoRA "
+            "moves it, unchanged, to %s and writes a new card. Fix or remove it now to keep it in place.",
+            Path(output_dir) / CARD, problem, UNPARSED_CARD)
 
 
 def selects_every_layer(config: Any, layers: int) -> bool:

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -264,6 +264,30 @@ def _with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: s
                 "so it sorts after '(?:' or prune whole layers instead."
             )
     return ranks, alphas
+
+
+def check_adapter_patterns(peft_config: Any, names: Sequence[str], components: bool) -> None:
+    """What an action on ``names`` will need of the adapter config, checked before any work: its
+    regular expressions (``exclude_modules`` as a string, ``rank_pattern`` / ``alpha_pattern``
+    keys) compile, and, when rank-one ``components`` are pruned, no pattern key would shadow the
+    exact-name entry a pruned module gets (:func:`_with_pattern`).
+
+    Raises:
+        ValueError: names the field, the key or regex, and the fix.
+    """
+    get = peft_config.get if isinstance(peft_config, Mapping) else lambda key: getattr(peft_config, key, None)
+    exclude = get("exclude_modules")
+    patterns = [("exclude_modules", exclude)] if isinstance(exclude, str) else []
+    patterns += [(field_name, key) for field_name in ("rank_pattern", "alpha_pattern") for key in get(field_name) or {}]
+    for field_name, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"adapter config {field_name} {pattern!r} is not a valid regular expression ({error}); "
+                             "PEFT could not load an adapter written with it. Fix the pattern in the LoraConfig.") from error
+    if components:
+        for name in names:
+            _with_pattern(get("rank_pattern"), get("alpha_pattern"), name, 1, 1.0)
 
 
 @torch.no_grad()

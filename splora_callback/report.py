@@ -8,6 +8,7 @@ function of scores or of the report dict, except :func:`write_json_report` (an a
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections import defaultdict
@@ -131,10 +132,23 @@ def build_report(config: dict[str, Any], history: list[dict], *, selected: list[
     }
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by None (strict JSON has no such number;
+    the entry that held them says why: ``non_finite`` of a scoring step, ``skipped`` of an action)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_json_report(directory: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Write ``splora_report.json`` into ``directory`` atomically; return its path."""
+    """Write ``splora_report.json`` into ``directory`` atomically (non-finite numbers as ``null``);
+    return its path."""
     path = Path(directory) / REPORT_JSON
-    atomic_write_text(path, json.dumps(report, indent=1, allow_nan=False))
+    atomic_write_text(path, json.dumps(finite_json(report), indent=1, allow_nan=False))
     return path
 
 
