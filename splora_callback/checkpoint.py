@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -121,9 +121,18 @@ class SafetensorsCheckpoint:
                 f"{path} holds no *.safetensors file. Save the model with "
                 "model.save_pretrained(path) (safetensors is the default) and point to that directory."
             )
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for shard in shards:
-            weight_map.update(cls._keys_of(shard, shard.name))
+            keys = cls._keys_of(shard, shard.name)
+            clash = next((key for key in keys if key in weight_map), None)
+            if clash is not None:  # which file would win is an accident of sorting: refuse
+                raise CheckpointError(
+                    f"{path / weight_map[clash]} and {shard} both hold {clash!r} (and there is no {INDEX_FILE} "
+                    "to say which shard is the model's): one is a stray copy that would silently replace the "
+                    "other's weights. Move the stray file out of the folder, or add the index that "
+                    "save_pretrained writes."
+                )
+            weight_map.update(keys)
         return cls(path, weight_map)
 
     @staticmethod
@@ -243,4 +252,22 @@ def _read_index(index: Path) -> dict[str, str]:
             f"{index} has no 'weight_map' object (tensor name -> shard file): it is not a safetensors "
             "shard index. Save the checkpoint again, or remove the index if the folder holds one shard."
         )
+    for key, shard in weight_map.items():
+        check_shard_name(index, key, shard)
     return dict(weight_map)
+
+
+def check_shard_name(index: Path, key: str, shard: str) -> None:
+    """A shard named by an index must be a file inside the model folder: a relative path without ``..``.
+
+    Raises:
+        CheckpointError: an absolute path or one that leaves the folder (``../x``, ``/etc/passwd``),
+            which would make ``--json`` hash (and the reader open) a file outside the checkpoint.
+    """
+    name = PurePosixPath(shard.replace("\\", "/"))
+    if not shard or name.is_absolute() or ".." in name.parts or PureWindowsPath(shard).drive:
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}] names the shard {shard!r}, which is not a file inside "
+            f"{index.parent}; a shard index may only name files of its own folder. Save the checkpoint "
+            "again, or fix the index."
+        )
