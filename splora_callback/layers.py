@@ -341,8 +341,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     Raises:
         FileNotFoundError: the directory holds no adapter.
         InvalidAdapterError: the file cannot be read, is not a JSON object, or lacks ``r`` /
-            ``lora_alpha`` (or holds values PEFT would not accept).
-        UnsupportedAdapterError: not a LoRA adapter, or DoRA / LoRA bias.
+            ``lora_alpha`` (or holds values PEFT would not accept: a regex in ``exclude_modules``,
+            ``rank_pattern`` or ``alpha_pattern`` that does not compile).
+        UnsupportedAdapterError: not a LoRA adapter (VeRA, LoHa, ...), or DoRA / LoRA bias.
     """
     from .checkpoint import check_readable
 
@@ -363,7 +364,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
             f"{path} holds a JSON {type(config).__name__}, not an object: it is not a PEFT adapter config."
         )
     if config.get("peft_type") != "LORA":
-        raise UnsupportedAdapterError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not LORA.")
+        raise UnsupportedAdapterError(
+            f"{path}: peft_type {config.get('peft_type')!r} is not LORA: SPLoRA scores and prunes LoRA adapters "
+            "(dW = s * B @ A) only, not VeRA, LoHa, LoKr, IA3 or prompt tuning; train the adapter with "
+            "peft.LoraConfig to use it."
+        )
     if config.get("use_dora"):
         raise UnsupportedAdapterError(f"{adapter_dir}: DoRA adapters are not supported.")
     if config.get("lora_bias"):
@@ -379,6 +384,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise InvalidAdapterError(f"{path}: field {key!r} must be an object (pattern -> number), got {config[key]!r}.")
+    from .pruning import check_adapter_patterns  # pruning imports this module
+
+    try:  # a regex PEFT cannot compile: the adapter cannot be loaded, nor a pruned copy of it
+        check_adapter_patterns(config, [], components=False)
+    except ValueError as error:
+        raise InvalidAdapterError(f"{path}: {error}") from error
     return config
 
 
