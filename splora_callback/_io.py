@@ -5,6 +5,7 @@
 - :func:`check_output_path`: refuse an output that is, contains or lies inside an input;
 - :func:`recover_leftovers`: what a killed run left next to its output (``.NAME.splora-*.tmp`` /
   ``.old``) is removed, or restored when it is the only copy, on the next write to that folder;
+  :func:`remove_stale_temporaries` does it for a training ``output_dir`` and its checkpoints;
 - :func:`check_writable` and :func:`describe_os_error`: fail before the work, in words.
 """
 
@@ -135,6 +136,28 @@ def recover_leftovers(parent: str | os.PathLike, name: str | None = None) -> lis
     return done
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """:func:`recover_leftovers` in ``folder`` and in each of its sub-folders (``checkpoint-N/``).
+
+    What a run killed while writing (SIGTERM, SIGKILL, a lost node) left in a training
+    ``output_dir``: ``.NAME.splora-*.tmp`` copies are removed and a ``.old`` copy whose original is
+    missing is moved back, once their writer is gone (a live writer's are kept). Call it before the
+    Trainer resumes from a checkpoint: a leftover of an older version holds ``adapter_model.safetensors``
+    directly, and the Trainer's resume loads every such sub-folder as an adapter. Returns one line
+    per thing done (also logged).
+    """
+    folder = Path(folder)
+    done = recover_leftovers(folder)
+    try:
+        subfolders = [entry for entry in folder.iterdir() if entry.is_dir() and not entry.is_symlink()
+                      and not (_LEFTOVER.match(entry.name) or _LEGACY.match(entry.name))]
+    except OSError:  # missing or unreadable: nothing of ours to tidy
+        return done
+    for subfolder in sorted(subfolders):
+        done.extend(recover_leftovers(subfolder))
+    return done
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 
@@ -188,7 +211,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
+    path = link_target(path)
     recover_leftovers(path.parent, path.name)
     if path.exists() and not overwrite:
         raise OutputExistsError(
@@ -196,8 +219,12 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             "(--overwrite on the command line)."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))
+    # the copy is built one level down: a killed run's leftover never looks like an adapter folder
+    # to a reader that lists sub-folders holding adapter_model.safetensors (the Trainer's resume)
+    holder = Path(tempfile.mkdtemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent))
+    tmp = holder / path.name
     try:
+        tmp.mkdir()
         yield tmp
         _normal_permissions(tmp)
         if not path.exists():
@@ -212,8 +239,35 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
                 raise
             shutil.rmtree(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def link_target(path: str | os.PathLike) -> Path:
+    """``path``, or where it points when it is a symbolic link (a write replaces the target and keeps
+    the link: replacing the link itself would leave its target stale and the link gone).
+
+    Raises:
+        OutputNotWritableError: the link is part of a loop.
+    """
+    path = Path(path)
+    return resolved(path, "output") if path.is_symlink() else path
+
+
+def resolved(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with every symbolic link resolved (``Path.resolve``), a loop refused in words.
+
+    Raises:
+        OutputNotWritableError: a symbolic link on the way points back to itself.
+    """
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as error:  # Python 3.11-3.12 raise RuntimeError, 3.13 OSError(ELOOP)
+        if isinstance(error, OSError) and error.errno != errno.ELOOP:
+            raise
+        raise OutputNotWritableError(
+            f"{what} {path} is a symbolic link loop (it points back to itself, directly or through other links), "
+            f"so nothing can be written there; remove the link (rm {path}) or choose another path."
+        ) from None
 
 
 # --- refusing unsafe outputs --------------------------------------------------------------------
@@ -233,11 +287,11 @@ def check_output_path(output: str | os.PathLike, inputs: Mapping[str, str | os.P
     Raises:
         UnsafeOutputError: the output and an input overlap; nothing was written.
     """
-    target = Path(output).expanduser().resolve()
+    target = resolved(output, what)
     for label, value in inputs.items():
         if value is None or (existing_only and not Path(value).expanduser().exists()):
             continue
-        source = Path(value).expanduser().resolve()
+        source = resolved(value, f"the {label}")
         if target == source:
             relation = "is"
         elif target in source.parents:

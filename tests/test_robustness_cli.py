@@ -140,7 +140,7 @@ def test_a_kill_between_the_renames_of_overwrite_is_recovered_by_the_next_run(wo
         "io._exchange = lambda a, b: False\n"
         "real = os.replace\n"
         "def replace(src, dst):\n"
-        f"    if str(dst) == {str(output)!r} and str(src).endswith('.tmp'):\n"
+        f"    if str(dst) == {str(output)!r} and '.tmp' in str(src):  # the new copy, inside its .tmp folder\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(src, dst)\n"
         "os.replace = replace\n"
