@@ -24,7 +24,17 @@ from ._io import (
     check_output_path,
     check_writable,
     describe_os_error,
+    link_target,
     recover_leftovers,
+)
+from .cli_checks import (
+    adapter_subfolders,
+    check_finite,
+    check_report_values,
+    check_scaling,
+    load_tokenizer,
+    read_pairs,
+    write_with_subadapters,
 )
 
 # torch, safetensors and transformers load in the commands, not here: `splora --help` answers at once
@@ -123,43 +133,11 @@ def _score(args: argparse.Namespace) -> Scored:
     if args.cache:  # the cache is written: never inside the adapter (checkpoints are checked later)
         check_output_path(args.cache, {"adapter": args.adapter_dir}, what="--cache")
     updates, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
+    check_scaling(updates, config, args.adapter_dir)
     alignment = _alignment(args, [update.name for update in updates], bool(config.get("fan_in_fan_out")))
     scores = score_updates(updates, alignment, args.metric, null=args.null, seed=args.seed)
+    check_finite(scores, updates)
     return Scored(scores, alignment, config, state_dict)
-
-
-def read_pairs(path: str, response_key: str, default_response: Callable[[list[str]], list[str]] | None = None,
-               ) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from a JSONL file: one object per line with ``prompt`` and
-    ``response_key`` (``default_response`` fills a missing response, e.g. templated refusals).
-
-    Raises:
-        ValueError: a line that is not an object with string fields, naming the file and line.
-    """
-    import json
-
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg}); expected one object per line.") from error
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string \"prompt\", got {line[:80]!r}.")
-        response = row.get(response_key)
-        if response is None and default_response is None:
-            raise ValueError(f"{path}:{number}: no \"{response_key}\" string; each line needs prompt and {response_key}.")
-        if response is not None and not isinstance(response, str):
-            raise ValueError(f"{path}:{number}: \"{response_key}\" must be a string.")
-        rows.append((row["prompt"], response))
-    if not rows:
-        raise ValueError(f"{path}: no examples (expected JSON lines with \"prompt\").")
-    if default_response is not None:
-        filled = iter(default_response([prompt for prompt, response in rows if response is None]))
-        rows = [(prompt, response if response is not None else next(filled)) for prompt, response in rows]
-    return rows
 
 
 def _score_with_probes(args: argparse.Namespace):
@@ -167,21 +145,19 @@ def _score_with_probes(args: argparse.Namespace):
     run on it, geometry too when ``--base`` is given (spec 3b, 3c). Loads the model."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .layers import lora_updates_from_adapter
     from .probe import SafetyProbe, UtilityProbe, probe_pairs
     from .scoring import score_layers
 
-    _, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
-    tokenizer = AutoTokenizer.from_pretrained(args.aligned)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    safety = SafetyProbe.from_pairs(
-        tokenizer, read_pairs(args.probe_prompts, "refusal", lambda prompts: [r for _, r in probe_pairs(prompts, seed=args.seed)]),
-        max_length=args.max_length)
-    utility = None if args.utility_examples is None else UtilityProbe.from_pairs(
-        tokenizer, read_pairs(args.utility_examples, "response"), max_length=args.max_length)
+    updates, config, state_dict = lora_updates_from_adapter(args.adapter_dir)
+    check_scaling(updates, config, args.adapter_dir)
+    refusals = read_pairs(args.probe_prompts, "refusal", lambda prompts: [r for _, r in probe_pairs(prompts, seed=args.seed)])
+    examples = None if args.utility_examples is None else read_pairs(args.utility_examples, "response")
+    tokenizer = load_tokenizer(args.aligned, args.aligned_source)
+    safety = SafetyProbe.from_pairs(tokenizer, refusals, max_length=args.max_length)
+    utility = None if examples is None else UtilityProbe.from_pairs(tokenizer, examples, max_length=args.max_length)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.aligned, dtype=torch.float32),
                                       args.adapter_dir).eval()
     alignment = None
@@ -191,6 +167,7 @@ def _score_with_probes(args: argparse.Namespace):
         alignment = _alignment(args, names, bool(config.get("fan_in_fan_out")))
     scores = score_layers(model, alignment, "probe", null=args.null, seed=args.seed, probe=safety, utility=utility,
                           granularity=args.granularity)
+    check_finite(scores, updates)
     return Scored(scores, alignment, config, state_dict, model, safety)
 
 
@@ -316,28 +293,29 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .model_card import facts_from_cli, write_model_card
-    from .pruning import acted_adapter, write_adapter
+    from .pruning import acted_adapter
     from .selection import selection_size
 
     _check_restore(args)
     _resolve_aligned(args)
-    output = Path(args.output)
-    check_output_path(output, _inputs(args), what="--output")
+    check_output_path(args.output, _inputs(args), what="--output")  # a symlink loop is refused here too
     if args.cache:  # written by this run before the output: it must not end up inside it either
-        check_output_path(output, {"alignment cache": args.cache}, what="--output", existing_only=False)
+        check_output_path(args.output, {"alignment cache": args.cache}, what="--output", existing_only=False)
+    output = link_target(args.output)  # a link to a folder: the folder is replaced, the link kept
     recover_leftovers(output.parent, output.name)  # a killed --overwrite: the old copy comes back first
     if output.exists() and not args.overwrite:
         raise OutputExistsError(f"Output directory {args.output} already exists; pass --overwrite to replace it.")
     check_writable(output.parent, "--output's parent folder", directory=True)
+    carried = adapter_subfolders(args.adapter_dir) if Path(args.adapter_dir).is_dir() else []
     scored = _score(args)
     scores, alignment, config, state_dict = scored.scores, scored.alignment, scored.config, scored.state_dict
     chosen = _selection(args, scored)
     if not chosen:
         raise ValueError(why_nothing_selected(args, scores))
     acted, acted_cfg = acted_adapter(state_dict, config, chosen, args.action, alignment)  # refuses pruning every layer
-    unchanged = f" {args.output} is unchanged." if output.exists() else ""
-    _writing("--output", args.output, unchanged)(
-        lambda: write_adapter(args.output, acted, acted_cfg, overwrite=args.overwrite)
+    unchanged = f" {output} is unchanged." if output.exists() else ""
+    _writing("--output", str(output), unchanged)(
+        lambda: write_with_subadapters(output, acted, acted_cfg, args.overwrite, carried)
     )
     selection = next(f"`--{name.replace('_', '-')} {value}`" for name, value in
                      (("restore", getattr(args, "restore", None)), ("budget", getattr(args, "budget", None)),
@@ -355,12 +333,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"layers -> {args.output} (model card: README.md)")
     else:
         print(f"\n{args.action}: {len(chosen)} of {len(scores)} LoRA layers -> {args.output} (model card: README.md)")
+    if str(output) != str(args.output):
+        print(f"{args.output} is a symbolic link: its target {output} was written, the link kept.")
+    if carried:
+        print(f"Carried unchanged (other adapters of {args.adapter_dir}, not scored or pruned): "
+              + ", ".join(f"{folder.name}/" for folder in carried))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .dashboard import write_html_report
+    from .report import load_report, report_path
 
+    check_report_values(load_report(args.output_dir), report_path(args.output_dir))  # before drawing a page
     path = write_html_report(args.output_dir)
     print(f"Report written to {path}")
     return 0
@@ -485,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"splora {args.command}: error: {message}", file=sys.stderr)
+        print(f"splora {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
         return 2
 
 
