@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from . import preflight
 from .alignment import AlignmentMismatchError, AlignmentSubspace
+from ._io import remove_stale_temporaries
 from .base_models import AUTO, aligned_name_or_path, infer_base_model
 from .checkpoint import CheckpointError
 from .config import SPLoRAConfig
@@ -212,6 +213,12 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         return every is None or (every > 0 and step % every == 0)
 
     # --- Trainer events --------------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Tidy what a killed run left in ``output_dir`` (half-written copies) before a resume reads it:
+        ``Trainer.train()`` loads the checkpoint before ``on_train_begin``."""
+        if state.is_world_process_zero:
+            remove_stale_temporaries(args.output_dir)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs) -> None:
