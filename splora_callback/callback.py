@@ -395,6 +395,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         in the report when the report can still be written."""
         self.action_report = {"action": "none", "layers": [], "failed": failure,
                               "live_model": "as trained (unpruned)", "selected": self.selected}
+        self._safety.monitor.after_action.clear()  # measured on the acted model, which was rolled back
         if not state.is_world_process_zero:
             return
         logger.error(

@@ -45,10 +45,10 @@ def passed_callback(cls: type) -> Any | None:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"field: saved -> current"`` for every field whose value differs (``base_model`` "auto"
-    resolved to a path in the saved config is no change)."""
+    """``"field: saved -> current"`` for every field both have whose value differs (a field only one
+    version of the library has is no change, nor ``base_model`` "auto" resolved to a path)."""
     changes = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(set(saved) & set(current)):
         before, after = saved.get(key), current.get(key)
         if before != after and not (key == "base_model" and "auto" in (before, after)):
             changes.append(f"{key}: {before!r} -> {after!r}")

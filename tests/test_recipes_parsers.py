@@ -128,3 +128,16 @@ def test_a_recipes_sections_are_one_flat_parser_file(tmp_path):
     args, splora = HfArgumentParser((TrainingArguments, SPLoRAConfig)).parse_dict(flat)
     assert args.to_dict() == built_args.to_dict()
     assert splora == built_splora
+
+
+@pytest.mark.parametrize("parser", ["hf", "trl"])
+def test_help_of_every_parser_the_recipes_and_readme_build(parser):
+    """``--help`` works: a bare ``%`` in a field's help made argparse raise in ``format_help``."""
+    if parser == "hf":
+        text = HfArgumentParser((TrainingArguments, SPLoRAConfig)).format_help()
+        assert HfArgumentParser((SPLoRAConfig,)).format_help()
+    else:
+        import trl
+
+        text = trl.TrlParser((trl.SFTConfig, SPLoRAConfig)).format_help()
+    assert "--restore" in text and "--budget" in text and "80 percent" in text
