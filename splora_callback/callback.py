@@ -49,12 +49,13 @@ from .memory import device_account, place_alignment, placement_info, storage_dev
 from .model_card import facts_from_report, write_model_card
 from .probe import UtilityProbe
 from .pruning import PreparedAction
-from .repair import RepairTrace, predicted_repair, repair_selection
+from .repair import RepairTrace
 from .resume import CHECKPOINT_SUBDIR, checkpoint_copies, config_changes, drop_loaded_copies, passed_callback, remember_passed
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks, probe_loss
 from .scoring import LayerScores
-from .selection import predicted_change, removed_ranks, select_layers
+from .rules import SelectionContext
+from .selection import predicted_change, removed_ranks
 from .repair_hint import repair_command
 from .sharding import lora_layers, warn_if_sharded
 from .trackers import CONSOLE_LOGGER, Trackers, configure_logging, final_line
@@ -256,13 +257,13 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         attributed = [entry for entry in self.history if entry.get("probes", True)]
         if attributed:  # restored from a checkpoint
             self._scores = LayerScores.from_dict(attributed[-1]["scores"])
-        if config.select == "repair" and sharded:
+        if config.rule.needs_model and sharded:
             raise ValueError(
-                "SPLoRAConfig.select='repair' measures each candidate with forward passes on the live LoRA "
-                "weights, which FSDP / ZeRO-3 shard; use select='budget' (predicted stop) under sharding, or "
+                f"SPLoRAConfig.select={config.rule.name!r} measures each candidate with forward passes on the live "
+                "LoRA weights, which FSDP / ZeRO-3 shard; use select='budget' (predicted stop) under sharding, or "
                 "repair the saved adapter afterwards in one process."
             )
-        if config.select in ("budget", "repair") and self._utility is None:
+        if config.rule.needs_utility and self._utility is None:
             self._utility, self.utility_source = default_utility_probe(
                 kwargs.get("train_dataloader"), config.utility_examples, args.seed)
         if state.is_world_process_zero:
@@ -365,7 +366,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         """The final scores and selection, and the action built aside (None: nothing to swap in);
         nothing of the live model changes here."""
         config = self.config
-        unmeasured = config.select == "repair" and bool(self.history) and "repair_trace" not in self.history[-1]
+        unmeasured = config.rule.needs_model and bool(self.history) and not self.history[-1].get(
+            "measured", "repair_trace" in self.history[-1])  # a checkpoint restored from an older version
         self._latest_scores(args, state, model, rescore=args.load_best_model_at_end or unmeasured)
         entry = self.history[-1]
         self.selected = copy.deepcopy(entry["selected"])
@@ -510,18 +512,18 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 "SPLoRA: step %d: %d non-finite score(s) (%s%s); nothing is selected%s.", state.global_step,
                 len(non_finite), ", ".join(non_finite[:3]), ", ..." if len(non_finite) > 3 else "",
                 " and nothing acted on: the adapter is kept as trained" if measured else " at this step")
-        elif not probes:  # geometry and the refusal loss only: a probe rule selects nothing here
-            entry["probes"] = False
-            needs_probes = self.config.metric == "probe" or self.config.select in ("budget", "repair")
-            selected = None if needs_probes else select_layers(scores, **self.config.selection_kwargs())
-        elif self.config.select == "repair" and measured:  # forward passes with units masked, every rank alike
-            selected, trace = repair_selection(model, scores, self.config.probe, aligned_loss, self.config.restore,
-                                               self.config.adapter_name)
-            entry["repair_trace"] = trace.to_dict()
-        elif self.config.select == "repair":
-            selected = predicted_repair(scores, aligned_loss, self.config.restore)
-        else:
-            selected = select_layers(scores, **self.config.selection_kwargs())
+        elif not probes and (self.config.metric == "probe" or self.config.rule.needs_probe):
+            entry["probes"] = False  # geometry and the refusal loss only: a probe rule selects nothing here
+            selected = None
+        else:  # a measuring rule runs its forward passes where it acts (every rank alike)
+            if not probes:
+                entry["probes"] = False
+            context = SelectionContext(model=model, probe=self.config.probe, aligned_refusal_loss=aligned_loss,
+                                       adapter_name=self.config.adapter_name, acts=measured)
+            selected = self.config.rule.select(scores, context)
+            entry.update(context.notes)
+            if self.config.rule.needs_model:
+                entry["measured"] = measured
         self.history.append({**entry, "selected": selected, "scores": scores.to_dict()})
         if probes:
             self._scores = scores

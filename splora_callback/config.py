@@ -10,9 +10,10 @@ import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
+from .rules import PARAMETERS, FunctionRule, Rule, check_unused_parameters, infer_rule_name, resolve_rule
+
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
-SELECTS = ("top_k", "fraction", "threshold", "budget", "repair")
 GRANULARITIES = ("layer", "component")
 ACTIONS = ("prune", "project", "none")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -47,12 +48,15 @@ class SPLoRAConfig:
         default="layers", metadata={"help": "E-DIEM null: same-shape peer layers, or row permutations of B."}
     )
     permutations: int = field(default=16, metadata={"help": "Permutations per layer for null='permutation' (>= 16)."})
-    select: Literal["top_k", "fraction", "threshold", "budget", "repair"] | None = field(
+    select: str | None = field(
         default=None,
-        metadata={"help": "How many layers (components) to act on; budget: best safety gain per task-loss cost "
-                          "until `budget` (needs probe and utility); repair: the same order, measured stop when "
-                          "`restore` of the refusal-loss gap to the aligned model is closed (forward passes). "
-                          "Default: inferred from the one of k, threshold, budget given, else fraction."},
+        metadata={"help": "The selection rule (splora_callback.rules): top_k, fraction, threshold, budget (best "
+                          "safety gain per task-loss cost until `budget`; needs probe and utility), repair (the same "
+                          "order, measured stop when `restore` of the refusal-loss gap to the aligned model is "
+                          "closed, by forward passes), or a name given to rules.register_rule. From Python also a "
+                          "Rule instance, a function (scores, context) -> selection, or {'name': ..., **parameters}. "
+                          "Default: inferred from the one of k, threshold, budget given, else repair with a probe, "
+                          "else fraction."},
     )
     granularity: Literal["layer", "component"] | None = field(
         default=None,
@@ -171,12 +175,9 @@ class SPLoRAConfig:
             self.metric = "probe" if self.probe is not None else "ediem"
         _check_choice("metric", self.metric, METRICS)
         _check_choice("null", self.null, NULLS)
-        self._infer_select()
-        _check_choice("select", self.select, SELECTS)
-        if self.select == "fraction" and self.fraction is None:
-            self.fraction = 0.25
+        self._resolve_rule()
         if self.granularity is None:
-            self.granularity = "component" if self.select == "repair" else "layer"
+            self.granularity = self.rule.granularity
         _check_choice("granularity", self.granularity, GRANULARITIES)
         if self.action is None:
             self.action = "prune" if self.metric == "probe" else "none"
@@ -186,12 +187,6 @@ class SPLoRAConfig:
         _check_safety(self)
         if self.permutations < 16:
             raise ValueError(f"SPLoRAConfig.permutations={self.permutations!r}: must be >= 16 (spec 3).")
-        if self.select == "top_k" and (not isinstance(self.k, int) or self.k < 0):
-            raise ValueError(f"SPLoRAConfig.k={self.k!r}: select='top_k' needs an integer k >= 0.")
-        if self.select == "fraction" and (self.fraction is None or not 0 <= self.fraction <= 1):
-            raise ValueError(f"SPLoRAConfig.fraction={self.fraction!r}: select='fraction' needs 0 <= fraction <= 1.")
-        if self.select == "threshold" and self.threshold is None:
-            raise ValueError("SPLoRAConfig.threshold=None: select='threshold' needs a number.")
         if not isinstance(self.score_every_n_steps, int) or self.score_every_n_steps < 0:
             raise ValueError(
                 f"SPLoRAConfig.score_every_n_steps={self.score_every_n_steps!r}: must be an integer >= 0 "
@@ -199,16 +194,6 @@ class SPLoRAConfig:
             )
         if self.probe_every_n_steps is not None:
             _check_probe_schedule(self)
-        if self.select == "budget" and (self.budget is None or not self.budget >= 0):
-            raise ValueError(
-                f"SPLoRAConfig.budget={self.budget!r}: select='budget' needs budget >= 0, the share of the task "
-                "loss the repair may cost (e.g. 0.05)."
-            )
-        if self.select in ("budget", "repair") and self.metric != "probe":
-            raise ValueError(
-                f"SPLoRAConfig.metric={self.metric!r}: select={self.select!r} trades the safety probe's gain against "
-                "the utility probe's cost; set metric='probe' and probe=SafetyProbe(...)."
-            )
         if not isinstance(self.restore, (int, float)) or not 0 < self.restore <= 1:
             raise ValueError(f"SPLoRAConfig.restore={self.restore!r}: the share of the refusal-loss increase to "
                              "undo, in (0, 1] (e.g. 0.8).")
@@ -228,48 +213,35 @@ class SPLoRAConfig:
                 "it from the aligned model's card or a table of known pairs (what SPLoRACallback() does)."
             )
 
-    def _infer_select(self) -> None:
-        """``select`` from the one selection option given (``k=10`` alone means top_k); an option
-        the chosen ``select`` would ignore is an error, never silently dropped."""
-        given = [name for name in ("k", "fraction", "threshold", "budget") if getattr(self, name) is not None]
-        if self.select is None:
-            # nothing given: the measured repair with a probe (the study's best pruning rule), else fraction
-            default = "repair" if self.metric == "probe" else "fraction"
-            inferred = {(): default, ("k",): "top_k", ("fraction",): "fraction", ("threshold",): "threshold",
-                        ("budget",): "budget", ("k", "budget"): "budget"}.get(tuple(given))
-            if inferred is None:
-                raise ValueError(
-                    f"SPLoRAConfig: {' and '.join(f'{name}={getattr(self, name)!r}' for name in given)} are both "
-                    "set; pass select= ('top_k', 'threshold' or 'budget') to say which one selects the layers."
-                )
-            self.select = inferred
-        uses = {"top_k": ("k",), "fraction": ("fraction",), "threshold": ("threshold",),
-                "budget": ("budget", "k")}.get(self.select, ())
-        for name in given:
-            if name not in uses:
-                wanted = {"k": "top_k", "fraction": "fraction", "threshold": "threshold", "budget": "budget"}[name]
-                raise ValueError(
-                    f"SPLoRAConfig.{name}={getattr(self, name)!r} is set but select={self.select!r} ignores it; "
-                    f"pass select={wanted!r} to select by {name}, or drop {name}."
-                )
+    def _resolve_rule(self) -> None:
+        """``select`` resolved once into :attr:`rule` (:func:`~splora_callback.rules.resolve_rule`);
+        flat keywords choose and parametrise it (``k=10`` alone means top_k), and one the rule
+        ignores is an error, never silently dropped. ``select`` and the flat fields then hold the
+        rule's name and parameters, so that :meth:`to_dict` round-trips."""
+        given = {name: getattr(self, name) for name in ("k", "fraction", "threshold", "budget")
+                 if getattr(self, name) is not None}
+        select = self.select if self.select is not None else infer_rule_name(given, self.metric)
+        rule = resolve_rule(select, {**given, "restore": self.restore})
+        check_unused_parameters(rule, given)
+        rule.check(self.metric)
+        self._rule = rule
+        parameters = rule.parameters()
+        for name in PARAMETERS:
+            if name in parameters and parameters[name] is not None:
+                setattr(self, name, parameters[name])
+        extra = {key: value for key, value in parameters.items() if key not in PARAMETERS}
+        self.select = {"name": rule.name, **extra} if extra and not isinstance(rule, FunctionRule) else rule.name
 
-    def selection_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`select_layers` for this config."""
-        if self.select == "budget":  # k, when set, caps the number of units taken
-            return {"select": "budget", "budget": self.budget, "k": self.k}
-        if self.select == "repair":  # measured on the model: splora_callback.repair.repair_selection
-            return {"select": "repair", "restore": self.restore}
-        return {"select": self.select, "k": self.k, "fraction": self.fraction, "threshold": self.threshold}
+    @property
+    def rule(self) -> Rule:
+        """The selection rule ``select`` names, resolved on construction."""
+        return self._rule
 
     def plan(self) -> tuple[str, bool]:
         """What the callback will do with this config, in one sentence, and whether to warn about it:
         acting by a geometric score (E-DIEM, cosine, signed), which the efficacy study found no
         better than a random choice of the same module kinds (docs/efficacy.md)."""
-        how = {"top_k": lambda: f"the top {self.k}", "fraction": lambda: f"{self.fraction:.0%}",
-               "threshold": lambda: f"those past {self.threshold}",
-               "budget": lambda: f"a budget of {self.budget} x the task loss (predicted)",
-               "repair": lambda: f"a measured stop at {self.restore:.0%} of the refusal-loss increase undone",
-               }[self.select]()
+        how = self.rule.describe()
         when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
                                             ("at the end of training", self.prune_at_end)) if on) or "never"
         scored = f"scores every {self.score_every_n_steps} steps" if self.score_every_n_steps else "scores at the end"
@@ -348,6 +320,8 @@ def check_field_types(config: SPLoRAConfig) -> None:
     hints = typing.get_type_hints(type(config))
     for item in dataclasses.fields(config):
         value, expected = getattr(config, item.name), hints[item.name]
+        if item.name == "select" and (isinstance(value, (Rule, dict)) or callable(value)):
+            continue  # a rule object, {"name": ..., **parameters} or a function: resolve_rule checks it
         if not _type_ok(value, expected):
             raise ConfigTypeError(
                 f"SPLoRAConfig.{item.name}={value!r:.80} has type {type(value).__name__}; expected "

@@ -61,9 +61,10 @@ class CardFacts:
 def rule_text(config: dict[str, Any]) -> str:
     """``metric ediem, top_k (k=10), granularity layer`` from a config dict."""
     select = config.get("select")
-    detail = {"top_k": f"k={config.get('k')}", "fraction": f"fraction={config.get('fraction')}",
-              "threshold": f"threshold={config.get('threshold')}",
-              "budget": f"budget={config.get('budget')}"}.get(select, "")
+    select = select.get("name") if isinstance(select, dict) else select
+    # the config's flat fields hold exactly the rule's parameters (SPLoRAConfig._resolve_rule)
+    detail = ", ".join(f"{key}={config[key]}" for key in ("k", "fraction", "threshold", "budget")
+                       if config.get(key) is not None)
     return (f"metric `{config.get('metric')}`, `{select}`" + (f" ({detail})" if detail else "")
             + f", granularity `{config.get('granularity', 'layer')}`")
 

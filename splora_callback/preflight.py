@@ -10,7 +10,6 @@ resumed (transformers raises ``KeyError`` at the next save otherwise).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +83,6 @@ def warn_if_card_unmergeable(output_dir: str) -> None:
             Path(output_dir) / CARD, problem, UNPARSED_CARD)
 
 
-def selects_every_layer(config: Any, layers: int) -> bool:
-    """True when ``config``'s selection takes every one of ``layers`` judgeable layers."""
-    if config.select == "top_k":
-        return config.k >= layers
-    if config.select == "fraction":
-        return math.floor(config.fraction * layers + 0.5) >= layers
-    return False
-
-
 def check_not_pruning_everything(config: Any, layers: int) -> None:
     """Refuse a config that would prune every LoRA layer (``k >= layers``, ``fraction`` near 1).
 
@@ -102,10 +92,10 @@ def check_not_pruning_everything(config: Any, layers: int) -> None:
     acts = config.prune_at_end or config.prune_at_checkpoints
     if config.action != "prune" or not acts or getattr(config, "granularity", "layer") != "layer":
         return
-    if selects_every_layer(config, layers):
-        option = f"k={config.k}" if config.select == "top_k" else f"fraction={config.fraction}"
+    if config.rule.selects_every_layer(layers):
+        options = ", ".join(f"{key}={value}" for key, value in config.rule.parameters().items() if value is not None)
         raise NothingLeftError(
-            f"SPLoRAConfig.{option} selects all {layers} LoRA layers: pruning them would leave nothing of the "
+            f"SPLoRAConfig.{options} selects all {layers} LoRA layers: pruning them would leave nothing of the "
             "fine-tune, and PEFT cannot load an adapter without a LoRA module. Select fewer layers, or use "
             "the aligned model itself."
         )

@@ -15,17 +15,10 @@ def repair_command(config: Any, adapter_dir: str, aligned: str | None) -> str:
     if aligned:
         parts += ["--aligned", aligned]
     if config.metric == "probe":
-        parts += ["--probe-prompts", "HARMFUL_PROMPTS.jsonl", "--granularity", config.granularity]
-        if config.select == "repair":
-            parts += ["--utility-examples", "TASK_EXAMPLES.jsonl", "--restore", str(config.restore)]
-        elif config.select == "budget":
-            parts += ["--utility-examples", "TASK_EXAMPLES.jsonl", "--budget", str(config.budget)]
+        parts += ["--granularity", config.granularity]
     else:
         parts += ["--metric", config.metric]
-    flag = {"top_k": ("--top-k", config.k), "fraction": ("--fraction", config.fraction),
-            "threshold": ("--threshold", config.threshold)}.get(config.select)
-    if flag is not None and flag[1] is not None:
-        parts += [flag[0], str(flag[1])]
+    parts += config.rule.cli_arguments() or ["--top-k", "K"]  # a rule without a CLI form: choose a count
     if config.action == "project":
         parts += ["--action", "project"]
     parts += ["--output", f"{adapter_dir.rstrip('/')}-repaired"]

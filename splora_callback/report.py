@@ -46,7 +46,8 @@ def over_threshold(config: dict[str, Any]) -> float:
     """The E-DIEM level the "layers over threshold" count uses: alert, then selection, then 2."""
     if config.get("alert_threshold") is not None:
         return float(config["alert_threshold"])
-    selects_on_ediem = config.get("select") == "threshold" and config.get("metric") == "ediem"
+    # the config's flat fields hold exactly the rule's parameters: a threshold only for a threshold rule
+    selects_on_ediem = config.get("threshold") is not None and config.get("metric") == "ediem"
     if selects_on_ediem and config.get("threshold") is not None:
         return float(config["threshold"])
     return DEFAULT_OVER_THRESHOLD

@@ -3,6 +3,7 @@
 import pytest
 
 from splora_callback import SPLoRAConfig
+from splora_callback.rules import TopK
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ def test_base_model_required_for_geometric_metrics():
 
 def test_defaults_and_serialisation():
     config = SPLoRAConfig(base_model="base", select="top_k", k=10)
-    assert config.selection_kwargs() == {"select": "top_k", "k": 10, "fraction": None, "threshold": None}
+    assert config.rule == TopK(k=10) and config.rule.name == "top_k"  # resolved once, on construction
     assert config.action == "none"  # no probe: monitor only (docs/efficacy.md)
     data = config.to_dict()
     assert data["probe"] is None and data["metric"] == "ediem"

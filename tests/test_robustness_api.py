@@ -256,7 +256,7 @@ def test_lora_on_embeddings_is_refused_not_skipped(llama_pair):
 def test_selection_option_without_select_is_inferred_or_refused():
     assert SPLoRAConfig(base_model="b", k=10).select == "top_k"
     assert SPLoRAConfig(base_model="b", threshold=1.5).select == "threshold"
-    assert SPLoRAConfig(base_model="b").selection_kwargs()["fraction"] == 0.25
+    assert SPLoRAConfig(base_model="b").rule.fraction == 0.25
     with pytest.raises(ValueError, match=r"k=3 and threshold=1.0 are both set; pass select="):
         SPLoRAConfig(base_model="b", k=3, threshold=1.0)
     with pytest.raises(ValueError, match=r"SPLoRAConfig.k=10 is set but select='fraction' ignores it"):
