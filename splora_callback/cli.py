@@ -171,21 +171,37 @@ def _score_with_probes(args: argparse.Namespace):
     return Scored(scores, alignment, config, state_dict, model, safety)
 
 
-def _selection(args: argparse.Namespace, scored: Scored):
-    from .selection import select_layers
+def selection_rule(args: argparse.Namespace):
+    """The rule the command's options choose (``--select``/``--rule``, or one of the count flags), or None."""
+    from .rules import load_rule, rule_from_options
 
-    scores = scored.scores
-    if getattr(args, "restore", None) is not None:
-        return _measured_repair(args, scored)
-    if getattr(args, "budget", None) is not None:
-        return select_layers(scores, "budget", budget=args.budget, k=args.top_k)
-    if args.top_k is not None:
-        return select_layers(scores, "top_k", k=args.top_k)
-    if args.fraction is not None:
-        return select_layers(scores, "fraction", fraction=args.fraction)
-    if args.threshold is not None:
-        return select_layers(scores, "threshold", threshold=args.threshold)
-    return []
+    select = getattr(args, "select", None)
+    if getattr(args, "rule", None):
+        loaded = load_rule(args.rule)
+        select = select or loaded
+    parameters = {"k": args.top_k, "fraction": args.fraction, "threshold": args.threshold,
+                  "budget": getattr(args, "budget", None), "restore": getattr(args, "restore", None)}
+    rule = rule_from_options(select, parameters)
+    if rule is not None and rule.needs_probe and not getattr(args, "probe_prompts", None):
+        raise ValueError(f"the rule {rule.name!r} selects by the safety probe: pass --probe-prompts FILE"
+                         + (" (splora prune)" if args.command != "prune" else "") + ".")
+    return rule
+
+
+def _selection(args: argparse.Namespace, scored: Scored):
+    from .rules import SelectionContext
+    from .safety import aligned_refusal_loss
+
+    rule = selection_rule(args)
+    if rule is None:
+        return []
+    context = SelectionContext(model=scored.model, probe=scored.probe, acts=True)
+    if rule.needs_model:
+        context.aligned_refusal_loss = aligned_refusal_loss(scored.probe, scored.model)
+    chosen = rule.select(scored.scores, context)
+    if "repair_trace" in context.notes:
+        _print_trace(context.notes["repair_trace"], scored, context.aligned_refusal_loss)
+    return chosen
 
 
 def _check_restore(args: argparse.Namespace) -> None:
@@ -201,24 +217,22 @@ def _check_restore(args: argparse.Namespace) -> None:
                          "of task cost: pass --probe-prompts FILE and --utility-examples FILE.")
 
 
-def _measured_repair(args: argparse.Namespace, scored: Scored):
-    """``--restore``: the shortest prefix of the budget order whose measured refusal loss closes that
-    share of the gap to the aligned model's (``select="repair"``, docs/components.md)."""
-    from .repair import repair_selection
-    from .safety import aligned_refusal_loss
+def _print_trace(trace: dict[str, Any], scored: Scored, aligned: float) -> None:
+    """The measured stop's line on stderr: units taken, refusal loss before -> after, passes."""
+    from .repair import RepairTrace
 
-    aligned = aligned_refusal_loss(scored.probe, scored.model)
-    chosen, trace = repair_selection(scored.model, scored.scores, scored.probe, aligned, args.restore)
-    reached = [m["loss"] for m in trace.measurements if m["probe"] == "refusal" and m["count"] == trace.chosen]
+    trace = RepairTrace(**trace)
+    reached = trace.refusal_loss_at(trace.chosen)
     print(f"measured stop: {trace.chosen} of {trace.available} {scored.scores.granularity} units ({trace.reason}); "
-          f"refusal loss {scored.scores.losses['refusal']:.4f} -> {reached[-1] if reached else float('nan'):.4f}, "
+          f"refusal loss {scored.scores.losses['refusal']:.4f} -> {float('nan') if reached is None else reached:.4f}, "
           f"target {trace.target:.4f} (aligned model {aligned:.4f}); {trace.passes} forward passes",
           file=sys.stderr)
-    return chosen
 
 
 def why_nothing_selected(args: argparse.Namespace, scores: LayerScores) -> str:
     """Which of the ways to select no layer happened, and what to do about it."""
+    if getattr(args, "select", None) or getattr(args, "rule", None):
+        return f"Nothing selected: the rule {getattr(args, 'select', None) or args.rule!r} chose no unit of this adapter."
     if getattr(args, "restore", None) is not None:
         return (f"Nothing selected: the adapter's refusal loss on the probe is already within --restore "
                 f"{args.restore} of the aligned model's; there is nothing to repair.")
@@ -415,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--top-k", type=int, help="select the k most suspect layers")
         group.add_argument("--fraction", type=float, help="select this share of the scored layers")
         group.add_argument("--threshold", type=float, help="select layers past this score")
+        sub.add_argument("--select", metavar="NAME",
+                         help="a selection rule by name (splora_callback.rules.RULES, or one --rule registers); "
+                              "--top-k / --fraction / --threshold / --budget / --restore become its parameters")
+        sub.add_argument("--rule", metavar="MODULE:ATTR",
+                         help="import a rule of your own (a splora_callback.rules.Rule subclass or a function "
+                              "(scores, context) -> selection) from MODULE, e.g. my_rules:AboveMedianProbe, and "
+                              "select by it")
 
     score = commands.add_parser("score", help="print per-layer scores of an adapter", description=MODELS_HELP,
                                 epilog=EXAMPLES, formatter_class=formatter)

@@ -348,3 +348,56 @@ def check_unused_parameters(rule: Rule, given: dict[str, Any]) -> None:
                      and key in {item.name for item in dataclasses.fields(factory)}]
             wanted = f"pass select={users[0]!r} to select by {key}, or drop {key}" if users else f"drop {key}"
             raise ValueError(f"SPLoRAConfig.{key}={value!r} is set but select={rule.name!r} ignores it; {wanted}.")
+
+
+def rule_from_options(select: str | None, parameters: dict[str, Any]) -> Rule | None:
+    """The rule of ``splora prune`` / ``splora score``'s options: ``--select NAME`` with the flags as
+    its parameters, else the one flag given (``--restore``: repair, ``--budget``: budget, ``--top-k``,
+    ``--fraction``, ``--threshold``); None when no option selects."""
+    given = {key: value for key, value in parameters.items() if value is not None}
+    if select is not None:
+        return resolve_rule(select, given)
+    if "restore" in given:
+        return Repair(given["restore"])
+    if "budget" in given:
+        return Budget(given["budget"], given.get("k"))
+    for rule in (TopK, Fraction, Threshold):
+        (field_name,) = [item.name for item in dataclasses.fields(rule)]
+        if field_name in given:
+            return rule(given[field_name])
+    return None
+
+
+def load_rule(spec: str) -> str:
+    """``module:attribute`` (``--rule``): import it (the current folder first on the path), register
+    what it names (a :class:`Rule` subclass or instance, or a function) under its name, return the name.
+
+    Raises:
+        ValueError: not ``module:attribute``, the module or attribute missing, or not a rule.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--rule {spec!r}: expected MODULE:ATTRIBUTE, e.g. my_rules:AboveMedianProbe.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--rule {spec!r}: {error}; the module must be importable from the current folder "
+                         "or the Python path.") from error
+    if isinstance(found, Rule):
+        found = type(found)
+    if isinstance(found, type) and issubclass(found, Rule):
+        name = found.name
+    elif callable(found):
+        name = found.__name__
+    else:
+        raise ValueError(f"--rule {spec!r} is a {type(found).__name__}; expected a Rule subclass or a function "
+                         "(scores, context) -> selection.")
+    if RULES.get(name) is not found:
+        register_rule(name, found)
+    return name
