@@ -5,7 +5,7 @@
 3 settings (``recipes/configs/efficacy-{a,b,c}.yaml``: the demo's q/k/v/o mix, q/v only, a
 benign-only fine-tune) x 3 replications (``seed``: the aligned model and the LoRA re-seeded).
 Each cell is one folder ``outputs/efficacy/<setting>/seed<N>``, run in two subprocesses,
-``recipes/finetune.py --train-only`` (writes ``training.json`` last) and ``recipes/evaluate.py``
+``recipes/finetune.py --train-only`` (writes ``training.json`` last) and ``recipes/evaluation_run.py``
 (writes ``results.json`` last, and caches every evaluated model in ``variants.jsonl`` as it
 finishes). A finished piece is never redone, so the study resumes where it was stopped; delete a
 cell's folder to redo it. An evaluation whose ``results.json`` was written with another config
@@ -90,7 +90,7 @@ def run_cell(setting: str, seed: int, root: Path, stages: set[str], overrides: l
     ran = {}
     for name, script, done in (
         ("train", "recipes/finetune.py", "training.json"),
-        ("evaluate", "recipes/evaluate.py", "results.json"),
+        ("evaluate", "recipes/evaluation_run.py", "results.json"),
     ):
         if name not in stages:
             continue

@@ -16,7 +16,7 @@ copy. What it runs, in the order ``main`` runs it:
    ``training_args.report_to`` has ``wandb``, else to ``splora_report.html``. The Trainer's last
    checkpoint keeps the unpruned adapter (copied to ``adapter-lora/``); the callback prunes the live
    model at the end and ``trainer.save_model`` writes the pruned adapter (``adapter/``);
-3. evaluate (``evaluate.run_evaluation``, also a script of its own for a finished run): the aligned
+3. evaluate (``evaluation_run.run_evaluation``, also a script of its own for a finished run): the aligned
    model, the LoRA model and every selection rule at several numbers of pruned layers, against
    uniform and module-kind-matched random choices; ``results.py`` writes results.md / .json / .png.
 
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import evaluate
+import evaluation_run
 import results as result_files
 import torch
 from recipe_config import (
@@ -48,6 +48,7 @@ from recipe_config import (
     training_arguments,
 )
 from recipe_data import prepare, training_examples
+from recipe_sections import data_section, evaluation_section
 
 
 def load_model(path: str, dtype: str) -> tuple[Any, Any]:
@@ -80,11 +81,12 @@ def train(
 
     output_dir = Path(config["output_dir"])
     tokenizer, model = load_model(aligned, config["model"]["dtype"])
+    sizes = data_section(config)
     examples, dropped = training_examples(
         tokenizer,
         data["task_train"] + data["harmful_train"],
-        config["data"]["max_length"],
-        config["data"]["min_response_tokens"],
+        sizes.max_length,
+        sizes.min_response_tokens,
         config["seed"],
     )
     model = get_peft_model(model, lora_config(config["lora"]))
@@ -93,7 +95,7 @@ def train(
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     utility = None
     if config["splora"].get("select") in ("budget", "repair"):  # the task pairs only, as the evaluation's rules
-        utility = evaluate.task_probe(tokenizer, data["task_train"], config["evaluation"], config["seed"])
+        utility = evaluation_run.task_probe(tokenizer, data["task_train"], evaluation_section(config), config["seed"])
     callback = SPLoRACallback(splora_config(config, base, probe, utility))
     labelled_only = accepts_logits_mask(model)  # the LM head only where the loss is: the same loss, less memory
     trainer = Trainer(
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--train-only", action="store_true",
-        help="train and save the adapters and the report, skip the evaluation (run evaluate.py later)",
+        help="train and save the adapters and the report, skip the evaluation (run evaluation_run.py later)",
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.override)
@@ -173,11 +175,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.train_only:
         timings["total"] = time.perf_counter() - start
         (output_dir / "training.json").write_text(json.dumps({"timings": timings, "load": list(os.getloadavg())}))
-        print(f"\nTrained in {timings['total']:.1f} s; evaluate with recipes/evaluate.py")
+        print(f"\nTrained in {timings['total']:.1f} s; evaluate with recipes/evaluation_run.py")
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # evaluation runs on this process alone
-    results = evaluate.run_evaluation(
+    results = evaluation_run.run_evaluation(
         config,
         base=base,
         aligned=aligned,

@@ -14,27 +14,28 @@ import random
 from typing import Any
 
 import torch
+from recipe_sections import OneShotPatchSection
 from variants import lora_copy
 
 
-def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: float, seed: int) -> tuple[Any, dict]:
+def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target: float, seed: int) -> tuple[Any, dict]:
     """The patched LoRA model and a record of the patch (steps, refusal loss after each step).
 
-    AdamW at ``spec["lr"]``, batches of ``spec["batch_size"]`` probe pairs (a seeded reshuffle per
-    epoch), gradient norm clipped at 1, LoRA dropout on (train mode). ``spec["steps"]``: a fixed
-    number of steps; None: calibrate, i.e. run up to ``spec["max_steps"]`` and keep the first step
+    AdamW at ``spec.lr``, batches of ``spec.batch_size`` probe pairs (a seeded reshuffle per
+    epoch), gradient norm clipped at 1, LoRA dropout on (train mode). ``spec.steps``: a fixed
+    number of steps; None: calibrate, i.e. run up to ``spec.max_steps`` and keep the first step
     whose refusal loss (eval mode) is at most ``target``, or all of them if none is.
     """
     from splora_callback.safety import probe_loss
 
-    fixed = spec.get("steps")
-    limit = int(fixed if fixed is not None else spec["max_steps"])
+    fixed = spec.steps
+    limit = int(fixed if fixed is not None else spec.max_steps)
     model, trainable = lora_copy(template)
     for parameter in trainable:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=float(spec["lr"]), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=float(spec.lr), weight_decay=0.0)
     order_rng, order = random.Random(seed), []
-    batch_size = int(spec["batch_size"])
+    batch_size = int(spec.batch_size)
     losses = [probe_loss(probe, model)]
     steps = limit
     torch.manual_seed(seed)
@@ -70,7 +71,7 @@ def one_shot_patch(template: Any, probe: Any, spec: dict[str, Any], target: floa
         "target_refusal_loss": target,
         "refusal_loss": {"before": losses[0], "after": losses[-1]},
         "refusal_loss_by_step": losses if fixed is None else None,  # measured only when calibrating
-        "lr": float(spec["lr"]),
+        "lr": float(spec.lr),
         "batch_size": batch_size,
         "pairs": len(probe),
     }

@@ -7,7 +7,8 @@ Sections (three of them are a class's keyword arguments, by that class's own fie
 
     output_dir, seed, torch_threads, wandb      the run: its folder, its seed, threads, W&B env vars
     model, demo_models, tiny_models             where the (base, aligned) checkpoints come from
-    harmful_prompts, data, probe, evaluation    this recipe's data and evaluation (recipe_data.py, evaluate.py)
+    harmful_prompts, data, probe, evaluation    this recipe's data and evaluation (recipe_data.py, evaluation_run.py);
+                                                data, probe, evaluation: dataclasses of recipe_sections.py
     lora                                        peft.LoraConfig(**lora); task_type defaults to CAUSAL_LM
     training_args                               transformers.TrainingArguments(**training_args): any field
     splora                                      SPLoRAConfig(**splora): base_model and probe are filled in
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
-import difflib
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from recipe_sections import check_fields, data_section, evaluation_section, probe_section
 
 REQUIRED = (
     "output_dir",
@@ -56,19 +56,6 @@ RENAMED = {
     "activation_checkpointing)",
     "report_to": "training_args.report_to",
 }
-# Keys of the old schema (and common short names) -> the field they mean, for "did you mean".
-OLD_NAMES = {
-    "lr": "learning_rate",
-    "batch_size": "per_device_train_batch_size",
-    "epochs": "num_train_epochs",
-    "lr_scheduler": "lr_scheduler_type",
-    "warmup": "warmup_steps",
-    "sampling": "train_sampling_strategy",
-    "alpha": "lora_alpha",
-    "dropout": "lora_dropout",
-    "seed": "permutation_seed",
-}
-
 
 class _Loader(yaml.SafeLoader):
     """PyYAML reads ``1e-4`` as a string (YAML 1.1 floats need a dot); YAML 1.2 and every user read a number."""
@@ -143,8 +130,9 @@ def check_config(config: dict[str, Any]) -> None:
 
     Raises:
         ValueError: a key of the old schema; a missing section; no models (neither ``model.aligned``
-            and ``model.base`` nor a section that builds them); a key of ``lora``, ``training_args``
-            or ``splora`` that is not a field of its class (with the closest field names).
+            and ``model.base`` nor a section that builds them); a key of ``lora``, ``training_args``,
+            ``splora``, ``evaluation``, ``data`` or ``probe`` that is not a field of its class (with the
+            closest field names), or a key of the last three missing.
     """
     from peft import LoraConfig
     from transformers import TrainingArguments
@@ -168,23 +156,8 @@ def check_config(config: dict[str, Any]) -> None:
     check_fields("lora", config["lora"], LoraConfig)
     check_fields("training_args", config["training_args"], TrainingArguments)
     check_fields("splora", config["splora"], SPLoRAConfig, filled_in=("base_model", "probe"))
-
-
-def check_fields(section: str, spec: dict[str, Any], cls: type, filled_in: Sequence[str] = ()) -> None:
-    """Every key of ``spec`` is an ``__init__`` field of the dataclass ``cls`` (values: ``cls`` checks them)."""
-    if not isinstance(spec, dict):
-        raise ValueError(f"config: {section} must be a mapping of {cls.__name__} fields, got {spec!r}")
-    fields = {field.name for field in dataclasses.fields(cls) if field.init}
-    for key in spec:
-        if key in filled_in:
-            raise ValueError(f"config: {section}.{key} is filled in by the recipe; remove it")
-        if key not in fields:
-            close = [OLD_NAMES[key]] if OLD_NAMES.get(key) in fields else []
-            close += [
-                name for name in difflib.get_close_matches(key, fields, n=3, cutoff=0.5) if name not in close
-            ]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"config: {section}.{key} is not a field of {cls.__name__}{hint}")
+    for read in (evaluation_section, data_section, probe_section):  # the recipe's own sections
+        read(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,7 +203,7 @@ def splora_config(config: dict[str, Any], base: str, probe: Any | None, utility:
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line, environment, stage timer (what finetune.py and evaluate.py share)
+# Command line, environment, stage timer (what finetune.py and evaluation_run.py share)
 # --------------------------------------------------------------------------------------------------
 
 

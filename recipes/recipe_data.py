@@ -1,6 +1,6 @@
 """A run's inputs, from its config: prompt sets and pairs, the (base, aligned) models, the safety probe.
 
-``prepare(config, timings)`` is what ``finetune.py`` and ``evaluate.py`` both run first:
+``prepare(config, timings)`` is what ``finetune.py`` and ``evaluation_run.py`` both run first:
 
 1. data (``prepare_data``): disjoint seeded splits of harmful prompts (evaluation, probe, and for
    the CPU demo the alignment and harmful fine-tune splits), task train / held-out pairs, harmful
@@ -18,15 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from recipe_config import stage
+from recipe_sections import (
+    HarmfulSection,
+    ProbeSection,
+    TaskSection,
+    data_section,
+    evaluation_section,
+    probe_section,
+)
 
 Pair = tuple[str, str]  # (user prompt, assistant response)
 
 
-def load_rows(spec: dict[str, Any], split: str):
+def load_rows(path: str, name: str | None, split: str):
     """Rows of a Hugging Face dataset (Hub id or local folder / file) through ``datasets.load_dataset``."""
     from datasets import load_dataset
 
-    return load_dataset(spec["path"], spec.get("name"), split=split)
+    return load_dataset(path, name, split=split)
 
 
 def harmful_prompt_splits(spec: dict[str, Any]) -> dict[str, list[str]]:
@@ -42,7 +50,7 @@ def harmful_prompt_splits(spec: dict[str, Any]) -> dict[str, list[str]]:
     if spec["source"] == "harmbench":
         pool = load_harmbench_behaviors("standard")
     elif spec["source"] == "dataset":
-        pool = list(load_rows(spec, spec["split"])[spec["column"]])
+        pool = list(load_rows(spec["path"], spec.get("name"), spec["split"])[spec["column"]])
     elif spec["source"] == "placeholder":
         from demo_data import placeholder_requests
 
@@ -69,36 +77,34 @@ def format_pairs(rows: Sequence[dict[str, Any]], prompt_template: str, response_
     return [(prompt_template.format(**row).strip(), str(row[response_column]).strip()) for row in rows]
 
 
-def task_pairs(spec: dict[str, Any]) -> tuple[list[Pair], list[Pair]]:
+def task_pairs(spec: TaskSection) -> tuple[list[Pair], list[Pair]]:
     """Training and held-out pairs of the benign task.
 
     ``source: demo_dialogues``: the project's seeded dialogue summaries (``recipes/demo_data.py``).
     ``source: dataset``: a dataset's ``train_split`` / ``eval_split``; when both are the same split,
     the held-out rows are the ones after the training rows in one seeded shuffle (disjoint).
     """
-    n_train, n_eval, seed = spec["train_samples"], spec["eval_samples"], spec["seed"]
-    if spec["source"] == "demo_dialogues":
+    n_train, n_eval, seed = spec.train_samples, spec.eval_samples, spec.seed
+    if spec.source == "demo_dialogues":
         from demo_data import make_dialogue_summaries, summary_pairs
 
         pairs = summary_pairs(make_dialogue_summaries(n_train + n_eval, seed=seed))
         return pairs[:n_train], pairs[n_train:]
-    if spec["source"] != "dataset":
-        raise ValueError(f"data.task.source={spec['source']!r}; expected 'demo_dialogues' or 'dataset'")
-    train_rows = load_rows(spec, spec["train_split"])
-    if spec["eval_split"] == spec["train_split"]:
+    if spec.source != "dataset":
+        raise ValueError(f"data.task.source={spec.source!r}; expected 'demo_dialogues' or 'dataset'")
+    train_rows = load_rows(spec.path, spec.name, spec.train_split)
+    if spec.eval_split == spec.train_split:
         if n_train is None:
             raise ValueError("data.task: train_samples must be set when eval_split == train_split")
         eval_rows = seeded_sample(train_rows, n_eval, seed, offset=n_train)
     else:
-        eval_rows = seeded_sample(load_rows(spec, spec["eval_split"]), n_eval, seed)
-    train = format_pairs(
-        seeded_sample(train_rows, n_train, seed), spec["prompt_template"], spec["response_column"]
-    )
-    held_out = format_pairs(eval_rows, spec["prompt_template"], spec["response_column"])
+        eval_rows = seeded_sample(load_rows(spec.path, spec.name, spec.eval_split), n_eval, seed)
+    train = format_pairs(seeded_sample(train_rows, n_train, seed), spec.prompt_template, spec.response_column)
+    held_out = format_pairs(eval_rows, spec.prompt_template, spec.response_column)
     return train, held_out
 
 
-def harmful_training_pairs(spec: dict[str, Any], splits: dict[str, list[str]]) -> list[Pair]:
+def harmful_training_pairs(spec: HarmfulSection, splits: dict[str, list[str]]) -> list[Pair]:
     """Harmful-request / compliant-response pairs mixed into the fine-tune.
 
     ``source: none``: a benign-only fine-tune. ``source: templated_compliance``: a split of
@@ -108,23 +114,20 @@ def harmful_training_pairs(spec: dict[str, Any], splits: dict[str, list[str]]) -
     """
     from splora_callback.data import compliance_pairs
 
-    if spec["source"] == "none" or not spec.get("num_samples"):
+    if spec.source == "none" or not spec.num_samples:
         return []
-    if spec["source"] == "templated_compliance":
-        prompts = splits[spec["split"]]
-        if spec["num_samples"] > len(prompts):
+    if spec.source == "templated_compliance":
+        prompts = splits[spec.split]
+        if spec.num_samples > len(prompts):
             raise ValueError(
-                f"data.harmful.num_samples={spec['num_samples']} > {len(prompts)} prompts in split {spec['split']!r}"
+                f"data.harmful.num_samples={spec.num_samples} > {len(prompts)} prompts in split {spec.split!r}"
             )
-        return compliance_pairs(prompts[: spec["num_samples"]], seed=spec["seed"])
-    if spec["source"] == "dataset":
-        rows = seeded_sample(load_rows(spec, spec["split"]), spec["num_samples"], spec["seed"])
-        return [
-            (str(row[spec["prompt_column"]]).strip(), str(row[spec["response_column"]]).strip())
-            for row in rows
-        ]
+        return compliance_pairs(prompts[: spec.num_samples], seed=spec.seed)
+    if spec.source == "dataset":
+        rows = seeded_sample(load_rows(spec.path, spec.name, spec.split), spec.num_samples, spec.seed)
+        return [(str(row[spec.prompt_column]).strip(), str(row[spec.response_column]).strip()) for row in rows]
     raise ValueError(
-        f"data.harmful.source={spec['source']!r}; expected 'none', 'templated_compliance' or 'dataset'"
+        f"data.harmful.source={spec.source!r}; expected 'none', 'templated_compliance' or 'dataset'"
     )
 
 
@@ -162,16 +165,17 @@ def prepare_data(config: dict[str, Any]) -> dict[str, Any]:
     from splora_callback.data import assert_disjoint
 
     splits = harmful_prompt_splits(config["harmful_prompts"])
-    task_train, task_eval = task_pairs(config["data"]["task"])
+    sections = data_section(config)
+    task_train, task_eval = task_pairs(sections.task)
     seen = {prompt for prompt, _ in task_train}
     repeated = sum(prompt in seen for prompt, _ in task_eval)
     if repeated:  # a public test split can repeat a training dialogue: it would not be held out
         print(f"data: dropped {repeated} held-out task example(s) that also occur in the training data")
         task_eval = [pair for pair in task_eval if pair[0] not in seen]
-    harmful_train = harmful_training_pairs(config["data"]["harmful"], splits)
+    harmful_train = harmful_training_pairs(sections.harmful, splits)
     benign = benign_heldout(config)
-    eval_prompts = splits[config["evaluation"]["harmful_split"]]
-    probe_prompts = splits[config["probe"]["split"]]
+    eval_prompts = splits[evaluation_section(config).harmful_split]
+    probe_prompts = splits[probe_section(config).split]
     assert_disjoint(
         evaluation=eval_prompts,
         probe=probe_prompts,
@@ -197,7 +201,8 @@ def benign_heldout(config: dict[str, Any]) -> list[str]:
     """Benign requests for over-refusal (``evaluation.benign_split: heldout``): those of
     ``demo_data.BENIGN_REQUESTS`` that the demo's aligned model never saw. ``demo_models`` answers
     the first ``benign_prompts`` of one shuffle seeded with the run's seed; these are the rest."""
-    if config["evaluation"].get("benign_split") is None:
+    spec = evaluation_section(config)
+    if spec.benign_split is None:
         return []
     if config.get("demo_models") is None:
         raise ValueError("evaluation.benign_split needs a demo_models section (the benign requests the "
@@ -209,8 +214,7 @@ def benign_heldout(config: dict[str, Any]) -> list[str]:
     seen = config["demo_models"]["benign_prompts"]
     sizes = {"align": seen, "heldout": len(set(BENIGN_REQUESTS)) - seen}
     heldout = split_prompts(BENIGN_REQUESTS, sizes, seed=config["seed"])["heldout"]
-    count = config["evaluation"].get("benign_count")  # a cap, for smoke runs
-    return heldout if count is None else heldout[:count]
+    return heldout if spec.benign_count is None else heldout[: spec.benign_count]  # a cap, for smoke runs
 
 
 def resolve_models(config: dict[str, Any], splits: dict[str, list[str]]) -> tuple[str, str]:
@@ -228,15 +232,15 @@ def resolve_models(config: dict[str, Any], splits: dict[str, list[str]]) -> tupl
     return str(base), str(aligned)
 
 
-def build_probe(tokenizer: Any, prompts: Sequence[str], spec: dict[str, Any], seed: int):
+def build_probe(tokenizer: Any, prompts: Sequence[str], spec: ProbeSection, seed: int):
     """The safety probe: probe prompts (their own split) with templated refusals (spec 3b)."""
     from splora_callback.probe import SafetyProbe, probe_pairs
 
     return SafetyProbe.from_pairs(
         tokenizer,
         probe_pairs(prompts, seed=seed),
-        max_length=spec["max_length"],
-        batch_size=spec["batch_size"],
+        max_length=spec.max_length,
+        batch_size=spec.batch_size,
     )
 
 
@@ -258,7 +262,7 @@ def prepare(config: dict[str, Any], timings: dict[str, float]) -> tuple[dict[str
         modules = "-".join(sorted(config["lora"].get("target_modules") or ["default"]))  # one file per module set
         config["splora"].setdefault("alignment_cache", str(Path(aligned) / f"alignment_subspace-{modules}.safetensors"))
     probe = build_probe(
-        AutoTokenizer.from_pretrained(aligned), data["probe_prompts"], config["probe"], config["seed"]
+        AutoTokenizer.from_pretrained(aligned), data["probe_prompts"], probe_section(config), config["seed"]
     )
     probe.check_disjoint(data["eval_prompts"])  # spec 3b: never probe with evaluation prompts
     return data, base, aligned, probe

@@ -1,7 +1,7 @@
 """Tables, verdicts, figure and files of an evaluation: ``results.md``, ``results.json``, ``results.png``.
 
 Everything here works on the rows ``variants.evaluate_variants`` returns (or on ``results.json``
-read back, for ``evaluate.py --report-only``); nothing loads a model.
+read back, for ``evaluation_run.py --report-only``); nothing loads a model.
 """
 
 from __future__ import annotations

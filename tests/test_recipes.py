@@ -26,10 +26,11 @@ RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
 sys.path.insert(0, str(RECIPES))
 
-import evaluate  # noqa: E402
+import evaluation_run  # noqa: E402
 import finetune  # noqa: E402
 import recipe_config  # noqa: E402
 import recipe_data  # noqa: E402
+import recipe_sections  # noqa: E402
 import results as result_files  # noqa: E402
 import tiny_models  # noqa: E402
 import variants as recipe_variants  # noqa: E402
@@ -154,7 +155,7 @@ def test_every_config_is_shipped_with_a_header():
         assert head[0].startswith("# "), f"{path.name} must open with a comment saying what it runs"
         header = "\n".join(line for line in head if line.startswith("#"))
         assert "Run:" in header and "Needs:" in header, f"{path.name}: header needs 'Needs:' and 'Run:'"
-        commands = (f"python recipes/{script}.py recipes/configs/{path.name}" for script in ("finetune", "evaluate"))
+        commands = (f"python recipes/{script}.py recipes/configs/{path.name}" for script in ("finetune", "evaluation_run"))
         assert any(command in header for command in commands), f"{path.name}: header needs the exact command"
 
 
@@ -227,7 +228,7 @@ def test_alpaca_prompt_template_and_held_out_rows_are_disjoint(stand_in):
         CONFIGS / "llama2-7b-alpaca-harmful.yaml",
         stand_in_overrides("llama2-7b-alpaca-harmful.yaml", stand_in),
     )
-    train, held_out = recipe_data.task_pairs(config["data"]["task"])
+    train, held_out = recipe_data.task_pairs(recipe_sections.data_section(config).task)
     assert not {p for p, _ in train} & {p for p, _ in held_out}
     prompts = [p for p, _ in train + held_out]
     assert all(not p.endswith("\n") for p in prompts)  # empty `input` leaves no trailing newlines
@@ -273,11 +274,29 @@ def test_overrides_inherit_and_errors(tmp_path):
         ("splora.base_model=x", r"splora.base_model is filled in by the recipe"),
         ("train.lr=0.1", r"'train' is now training_args \(TrainingArguments' own field names: lr -> learning_rate"),
         ("report_to=wandb", r"'report_to' is now training_args.report_to"),
+        ("evaluation.fractons=[0.5]", r"evaluation.fractons is not a field of EvaluationSection; did you mean fractions"),
+        ("evaluation.one_shot_patch.step=3",
+         r"evaluation.one_shot_patch.step is not a field of OneShotPatchSection; did you mean steps, max_steps"),
+        ("data.task.train_sample=3", r"data.task.train_sample is not a field of TaskSection; did you mean train_samples"),
+        ("data.max_lenght=3", r"data.max_lenght is not a field of DataSection; did you mean max_length"),
+        ("probe.batchsize=3", r"probe.batchsize is not a field of ProbeSection; did you mean batch_size"),
+        ("probe=[1]", r"config: probe must be a mapping of ProbeSection fields, got \[1\]"),
+        ("data.task.source=dataset", r"data.task.source='dataset' needs \['path', 'train_split', 'eval_split', "),
+        ("evaluation.rules=[one_shot_patch]", r"evaluation.rules has one_shot_patch; set evaluation.one_shot_patch"),
     ],
 )
 def test_config_keys_are_checked_against_their_classes(override, match):
     with pytest.raises(ValueError, match=match):
         recipe_config.load_config(CONFIGS / "tiny-test.yaml", [override])
+
+
+def test_recipe_sections_name_a_missing_key_and_fill_in_their_defaults():
+    config = recipe_config.read_config(CONFIGS / "tiny-test.yaml")
+    del config["probe"]["max_length"]
+    with pytest.raises(ValueError, match=r"config: probe is missing \['max_length'\]"):
+        recipe_config.check_config(config)
+    spec = recipe_sections.evaluation_section(recipe_config.load_config(CONFIGS / "cpu-demo.yaml"))
+    assert spec.utility_batch_size == 10 and spec.one_shot_patch.steps == 5 and spec.one_shot_patch.max_steps is None
 
 
 def test_values_are_validated_by_the_classes_themselves(tmp_path):
@@ -354,7 +373,7 @@ def test_recipes_import_graph_has_no_cycle():
     for name in sorted(graph):
         visit(name, ())
     assert "finetune" not in set().union(*graph.values())  # the script a user copies; nothing imports it
-    assert graph["evaluate"] >= {"recipe_config", "recipe_data"} and "finetune" not in graph["evaluate"]
+    assert graph["evaluation_run"] >= {"recipe_config", "recipe_data"} and "finetune" not in graph["evaluation_run"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,7 +602,7 @@ def test_summary_and_verdicts_hand_computed():
 
 def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeypatch):
     """``python recipes/finetune.py recipes/configs/tiny-test.yaml`` with no override (in a fresh
-    working directory, where its relative paths land), then ``evaluate.py`` on the finished run."""
+    working directory, where its relative paths land), then ``evaluation_run.py`` on the finished run."""
     monkeypatch.chdir(tmp_path)
     results = finetune.main([str(CONFIGS / "tiny-test.yaml")])
     out = tmp_path / "outputs" / "tiny-test"
@@ -618,9 +637,9 @@ def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeyp
     text = (out / "results.md").read_text()
     assert "kind-matched random (3 seeds)" in text and "## Probe prompts (4;" in text
     assert "Does a rule beat chance?" in text and "Module kinds of each rule's own choice" in text
-    # evaluate.py alone, on the finished run: the same inputs rebuilt, the same models, the same numbers
+    # evaluation_run.py alone, on the finished run: the same inputs rebuilt, the same models, the same numbers
     cached_before = len((out / "variants.jsonl").read_text().splitlines())
-    again = evaluate.main([str(CONFIGS / "tiny-test.yaml")])
+    again = evaluation_run.main([str(CONFIGS / "tiny-test.yaml")])
     metrics = ("layers", "action", *recipe_variants.METRICS)
     assert [{k: row[k] for k in metrics} for row in again["rows"]] == [
         {k: (tuple(row[k]) if k == "layers" else row[k]) for k in metrics} for row in saved["rows"]
@@ -628,12 +647,12 @@ def test_tiny_test_yaml_runs_as_written_and_evaluate_reruns_it(tmp_path, monkeyp
     # the report is a pure function of results.json: --report-only rebuilds it exactly
     text = (out / "results.md").read_text()
     (out / "results.md").unlink()
-    evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--report-only"])
+    evaluation_run.main([str(CONFIGS / "tiny-test.yaml"), "--report-only"])
     assert (out / "results.md").read_text() == text
     # variants.jsonl: the rerun reused every cached model; other settings reuse none of them
     lines = (out / "variants.jsonl").read_text().splitlines()
     assert len(lines) == cached_before == len({json.loads(line)["key"] for line in lines})
-    evaluate.main([str(CONFIGS / "tiny-test.yaml"), "--override", "evaluation.task_max_new_tokens=2"])
+    evaluation_run.main([str(CONFIGS / "tiny-test.yaml"), "--override", "evaluation.task_max_new_tokens=2"])
     assert len((out / "variants.jsonl").read_text().splitlines()) == 2 * len(lines)
 
 

@@ -1,6 +1,6 @@
 """Evaluate a finished LoRA run: which layer-selection rule restores refusals, and at what cost.
 
-    python recipes/evaluate.py recipes/configs/cpu-demo.yaml [--override KEY=VALUE ...] [--report-only]
+    python recipes/evaluation_run.py recipes/configs/cpu-demo.yaml [--override KEY=VALUE ...] [--report-only]
 
 Run by ``finetune.py`` after training; runnable alone on a finished ``output_dir`` (it reads
 ``adapter-lora/`` and ``splora_report.json``, and rebuilds the run's inputs with
@@ -15,6 +15,7 @@ are planned and evaluated in ``variants.py``; the tables and files are written b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from recipe_config import argument_parser, load_config, setup_environment, stage
 from recipe_data import prepare
+from recipe_sections import EvaluationSection, evaluation_section
 from results import render_results, write_results
 from variants import RULES, callback_stop, check_lora_effect, evaluate_variants, plan_variants
 
@@ -49,20 +51,20 @@ def load_template(aligned: str, adapter_dir: Path, dtype: str) -> tuple[Any, Any
 
 def run_dir(config: dict[str, Any]) -> Path:
     """The finished run evaluated: ``evaluation.run_dir`` if set (results still go to ``output_dir``)."""
-    return Path(config["evaluation"].get("run_dir") or config["output_dir"])
+    return Path(evaluation_section(config).run_dir or config["output_dir"])
 
 
-def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: dict[str, Any], seed: int) -> Any:
+def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: EvaluationSection, seed: int) -> Any:
     """The utility probe of the rules that need one (spec 3c): ``evaluation.utility_examples`` (20)
     task training pairs, seeded; never held-out pairs, and never the harmful part of the mix."""
     import random
 
     from splora_callback import UtilityProbe
 
-    count = min(int(spec.get("utility_examples", 20)), len(task_train))
+    count = min(int(spec.utility_examples), len(task_train))
     pairs = random.Random(seed).sample(list(task_train), count)
-    return UtilityProbe.from_pairs(tokenizer, pairs, max_length=int(spec.get("utility_max_length", 256)),
-                                   batch_size=int(spec.get("utility_batch_size", 10)))
+    return UtilityProbe.from_pairs(tokenizer, pairs, max_length=int(spec.utility_max_length),
+                                   batch_size=int(spec.utility_batch_size))
 
 
 # Settings that choose which models are evaluated, not what one model's evaluation gives. Whether a
@@ -82,6 +84,7 @@ def cache_fingerprint(config: dict[str, Any], aligned: str, data: dict[str, Any]
     folder = Path(aligned)  # its files, not the alignment caches recipe_data keeps next to them
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
                    if not p.name.startswith("alignment_subspace")) if folder.is_dir() else []
+    # the sections as written, not with recipe_sections' defaults: earlier caches keep their fingerprints
     spec = {key: value for key, value in config["evaluation"].items() if key not in PLAN_ONLY}
     inputs = {"aligned": [str(aligned), files], "dtype": config["model"]["dtype"], "seed": config["seed"],
               "evaluation": spec, "probe": config["probe"],
@@ -125,14 +128,14 @@ def run_evaluation(
     from splora_callback import AlignmentSubspace, score_layers
 
     output_dir = Path(config["output_dir"])
-    spec = config["evaluation"]
+    spec = evaluation_section(config)
     with stage("scores (E-DIEM, cosine, signed, probe: one call)", timings):
         tokenizer, template, eval_model = load_template(
             aligned, run_dir(config) / "adapter-lora", config["model"]["dtype"]
         )
         cache = config["splora"].get("alignment_cache") or output_dir / "alignment_subspace.safetensors"
         alignment = AlignmentSubspace.from_pretrained(base, model=template, cache_file=cache, progress=False)
-        rules = [RULES[rule] for rule in spec["rules"] if rule in RULES]
+        rules = [RULES[rule] for rule in spec.rules if rule in RULES]
         same_utility = run_dir(config) == output_dir  # the run's own task probe
         # the probes' attributions, unless the only rules that need them reuse the callback's stop
         probing = [rule for rule in rules if rule.needs_probe and not (
@@ -156,16 +159,15 @@ def run_evaluation(
         same_probe = callback_report.get("config", {}).get("probe") == repr(probe)
         # the callback measured it at train start with this probe on the same aligned weights
         context["target"] = measured if same_probe and measured is not None else aligned_refusal_loss(probe, template)
-    if "one_shot_patch" in spec["rules"]:
+    if "one_shot_patch" in spec.rules:
         from one_shot_patch import one_shot_patch
 
         with stage("one-shot safety patch (probe pairs)", timings):
-            patched, patch = one_shot_patch(template, probe, spec["one_shot_patch"], context["target"], config["seed"])
+            patched, patch = one_shot_patch(template, probe, spec.one_shot_patch, context["target"], config["seed"])
             print(f"one-shot patch: {patch['steps']} steps, refusal loss {patch['refusal_loss']['before']:.3f} -> "
                   f"{patch['refusal_loss']['after']:.3f} (aligned {context['target']:.3f})")
     with stage("plan (measured stops run here)", timings):
-        variants = plan_variants(scores, spec["rules"], spec["fractions"], spec["random_seeds"], context,
-                                 spec.get("controls"))
+        variants = plan_variants(scores, spec.rules, spec.fractions, spec.random_seeds, context, spec.controls)
     unique = len({variant.key for variant in variants})
     with stage(f"evaluation ({len(variants)} rows, {unique} distinct models)", timings):
         premise: dict[str, Any] = {}
@@ -176,9 +178,9 @@ def run_evaluation(
             tokenizer,
             alignment,
             data,
-            spec,
+            dataclasses.asdict(spec),  # every key there, with its default
             check=lambda done: premise.update(
-                check_lora_effect(done, spec["require_lora_effect"], spec.get("premise_refusal_ratio", 0.5))
+                check_lora_effect(done, spec.require_lora_effect, spec.premise_refusal_ratio)
             ),
             patched=patched,
             cache_file=output_dir / "variants.jsonl",

@@ -1,0 +1,202 @@
+"""The recipe's own sections, ``evaluation``, ``data`` and ``probe``, as dataclasses with their defaults.
+
+    spec = evaluation_section(config)        # EvaluationSection; spec.fractions, spec.workers, ...
+
+The YAML stays plain mappings (``inherit:`` and ``--override`` work on them, and the cache
+fingerprint hashes them as written); these classes are how the scripts read them. Every key is a
+field below, named by the checks of ``recipe_config.check_config``: an unknown key is an error that
+names the section and the closest fields, a missing one (no default) an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+# Keys of the old schema (and common short names) -> the field they mean, for "did you mean".
+OLD_NAMES = {
+    "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs",
+    "lr_scheduler": "lr_scheduler_type",
+    "warmup": "warmup_steps",
+    "sampling": "train_sampling_strategy",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "seed": "permutation_seed",
+}
+
+
+def section(cls: type, default: Any = dataclasses.MISSING) -> Any:
+    """A field that is a nested section (a mapping read as ``cls``)."""
+    return dataclasses.field(default=default, metadata={"section": cls})
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotPatchSection:
+    """``evaluation.one_shot_patch`` (one_shot_patch.py): AdamW steps on the probe's refusal pairs."""
+
+    lr: float
+    batch_size: int
+    steps: int | None = None  # None: calibrate, up to max_steps
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.max_steps is None:
+            raise ValueError("config: evaluation.one_shot_patch needs steps (fixed) or max_steps (steps: null calibrates)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSection:
+    """``evaluation`` (evaluation_run.py, variants.py): what is evaluated and how."""
+
+    harmful_split: str
+    harmful_max_new_tokens: int
+    task_max_new_tokens: int
+    batch_size: int
+    rules: list[str]
+    fractions: list[float]
+    random_seeds: list[int]
+    require_lora_effect: bool
+    premise_refusal_ratio: float = 0.5
+    run_dir: str | None = None  # evaluate this finished run (results still go to output_dir)
+    benign_split: str | None = None  # heldout: measure over-refusal (needs demo_models)
+    benign_count: int | None = None  # a cap, for smoke runs
+    benign_max_new_tokens: int | None = None
+    over_refusal: list[str] | None = None  # None: every rule's own model
+    over_refusal_controls: list[str] | None = None  # None: no control
+    controls: list[str] | None = None
+    workers: int = 1
+    utility_examples: int = 20
+    utility_max_length: int = 256
+    utility_batch_size: int = 10
+    one_shot_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
+
+    def __post_init__(self) -> None:
+        if "one_shot_patch" in self.rules and self.one_shot_patch is None:
+            raise ValueError("config: evaluation.rules has one_shot_patch; set evaluation.one_shot_patch (lr, batch_size, steps)")
+
+
+# What each source of data.task / data.harmful reads besides the counts and the seed.
+TASK_DATASET_KEYS = ("path", "train_split", "eval_split", "prompt_template", "response_column")
+HARMFUL_KEYS = {
+    "templated_compliance": ("split", "seed"),
+    "dataset": ("path", "split", "prompt_column", "response_column", "seed"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSection:
+    """``data.task`` (recipe_data.task_pairs): ``demo_dialogues``, or a dataset's columns."""
+
+    source: str
+    train_samples: int | None
+    eval_samples: int | None
+    seed: int
+    path: str | None = None
+    name: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    prompt_template: str | None = None
+    response_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == "dataset":
+            require("data.task", self, TASK_DATASET_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class HarmfulSection:
+    """``data.harmful`` (recipe_data.harmful_training_pairs): harmful pairs in the fine-tune mix."""
+
+    source: str
+    num_samples: int | None = None  # None or 0: no harmful pairs
+    split: str | None = None
+    seed: int | None = None
+    path: str | None = None
+    name: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_samples:
+            require("data.harmful", self, HARMFUL_KEYS.get(self.source, ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """``data``: the fine-tune mix and its chat examples' lengths."""
+
+    max_length: int
+    min_response_tokens: int
+    task: TaskSection = section(TaskSection)
+    harmful: HarmfulSection = section(HarmfulSection)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSection:
+    """``probe`` (recipe_data.build_probe): the safety probe's prompts and batches."""
+
+    split: str
+    max_length: int
+    batch_size: int
+
+
+def require(name: str, spec: Any, keys: Sequence[str]) -> None:
+    """Raise naming the ``keys`` of ``spec`` that are unset (None) although its source reads them."""
+    missing = [key for key in keys if getattr(spec, key) is None]
+    if missing:
+        raise ValueError(f"config: {name}.source={spec.source!r} needs {missing}; see recipes/configs/")
+
+
+def check_fields(name: str, spec: Any, cls: type, filled_in: Sequence[str] = ()) -> None:
+    """Every key of ``spec`` is an ``__init__`` field of the dataclass ``cls`` (values: ``cls`` checks them)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"config: {name} must be a mapping of {cls.__name__} fields, got {spec!r}")
+    fields = {field.name for field in dataclasses.fields(cls) if field.init}
+    for key in spec:
+        if key in filled_in:
+            raise ValueError(f"config: {name}.{key} is filled in by the recipe; remove it")
+        if key not in fields:
+            close = [OLD_NAMES[key]] if OLD_NAMES.get(key) in fields else []
+            close += [
+                field for field in difflib.get_close_matches(key, fields, n=3, cutoff=0.5) if field not in close
+            ]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"config: {name}.{key} is not a field of {cls.__name__}{hint}")
+
+
+def read_section(name: str, spec: Any, cls: type) -> Any:
+    """``cls(**spec)``, nested sections read the same way; unknown and missing keys named.
+
+    Raises:
+        ValueError: ``spec`` is not a mapping, has a key that is not a field of ``cls`` (with the
+            closest fields), or lacks one without a default.
+    """
+    check_fields(name, spec, cls)
+    values = dict(spec)
+    for field in dataclasses.fields(cls):
+        nested = field.metadata.get("section")
+        if nested is not None and values.get(field.name) is not None:
+            values[field.name] = read_section(f"{name}.{field.name}", values[field.name], nested)
+    missing = [
+        field.name for field in dataclasses.fields(cls)
+        if field.name not in values and field.default is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"config: {name} is missing {missing}; see recipes/configs/cpu-demo.yaml")
+    return cls(**values)
+
+
+def evaluation_section(config: dict[str, Any]) -> EvaluationSection:
+    return read_section("evaluation", config["evaluation"], EvaluationSection)
+
+
+def data_section(config: dict[str, Any]) -> DataSection:
+    return read_section("data", config["data"], DataSection)
+
+
+def probe_section(config: dict[str, Any]) -> ProbeSection:
+    return read_section("probe", config["probe"], ProbeSection)
