@@ -188,11 +188,12 @@ def selection_rule(args: argparse.Namespace):
     return rule
 
 
-def _selection(args: argparse.Namespace, scored: Scored):
+def _selection(args: argparse.Namespace, scored: Scored, rule: Any = None):
+    """What ``rule`` (default: the options' :func:`selection_rule`) selects on the scored adapter."""
     from .rules import SelectionContext
     from .safety import aligned_refusal_loss
 
-    rule = selection_rule(args)
+    rule = rule or selection_rule(args)
     if rule is None:
         return []
     context = SelectionContext(model=scored.model, probe=scored.probe, acts=True)
@@ -323,7 +324,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     carried = adapter_subfolders(args.adapter_dir) if Path(args.adapter_dir).is_dir() else []
     scored = _score(args)
     scores, alignment, config, state_dict = scored.scores, scored.alignment, scored.config, scored.state_dict
-    chosen = _selection(args, scored)
+    rule = selection_rule(args)
+    chosen = _selection(args, scored, rule)
     if not chosen:
         raise ValueError(why_nothing_selected(args, scores))
     acted, acted_cfg = acted_adapter(state_dict, config, chosen, args.action, alignment)  # refuses pruning every layer
@@ -331,11 +333,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _writing("--output", str(output), unchanged)(
         lambda: write_with_subadapters(output, acted, acted_cfg, args.overwrite, carried)
     )
-    selection = next(f"`--{name.replace('_', '-')} {value}`" for name, value in
-                     (("restore", getattr(args, "restore", None)), ("budget", getattr(args, "budget", None)),
-                      ("top_k", args.top_k), ("fraction", args.fraction),
-                      ("threshold", args.threshold))
-                     if value is not None)
+    from .rules import PROBE_FILES
+
+    flags = [part for part in rule.cli_arguments() or [] if part not in PROBE_FILES]
+    selection = f"`{' '.join(flags)}`" if flags else f"`--select {rule.name}` ({rule.describe()})"
     metric = "probe" if getattr(args, "probe_prompts", None) else args.metric
     facts = facts_from_cli(aligned=args.aligned, base=args.base, metric=metric, selection=selection,
                            action=args.action, scores=scores, chosen=list(chosen), adapter=str(args.adapter_dir),
