@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
-from .model_card import facts_from_report, write_model_card
+from .model_card import calling_trainer, facts_from_report, keep_card_through, write_model_card
 from .probe import UtilityProbe
 from .pruning import PreparedAction
 from .repair import RepairTrace
@@ -230,6 +230,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         ``report_to`` backends.
         """
         configure_logging(args)
+        trainer = calling_trainer()  # its create_model_card() (push_to_hub calls it) keeps the SPLoRA card
+        if trainer is not None:
+            keep_card_through(trainer, lambda: getattr(self, "_card", None))
         config = self.config
         self._begin_again(state)
         if state.global_step > 0 and not self.history and not args.restore_callback_states_from_checkpoint:
@@ -477,7 +480,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "add_model_tags"):  # PEFT's card update keeps the model's tags (TRL does the same)
             base.add_model_tags(["splora"])
-        card = write_model_card(folder, facts_from_report(report, link))
+        facts = facts_from_report(report, link)
+        card = write_model_card(folder, facts)
+        self._card = (folder, facts)  # written again after trainer.create_model_card (model_card.keep_card_through)
         logger.info("SPLoRA report %s (%s), model card %s", html, REPORT_JSON, card)
         console.info(final_line(report, html, adapter))
 

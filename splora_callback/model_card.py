@@ -8,7 +8,15 @@ markers: a card already there (a trainer's, a user's) keeps its text and metadat
 PEFT's ``save_pretrained``, which updates an existing ``README.md`` in place, keeps ours.
 
 Metadata (YAML front matter, the Hub's conventions): ``base_model`` = the aligned model (the model
-the adapter is applied to), ``library_name: peft``, tags ``splora``, ``lora``, ``safety``.
+the adapter is applied to), ``library_name: peft``, ``pipeline_tag: text-generation``, the tags
+:data:`TAGS` and ``base_model:adapter:<aligned model>``: the same on the callback's cards and on
+``splora prune``'s.
+
+The Trainer's own card: ``trainer.create_model_card()`` (which ``trainer.push_to_hub()`` calls)
+writes ``output_dir/README.md`` anew (``Trainer``: a template, "More information needed"; TRL's
+trainers: a card of their own without ``base_model`` for a local model). :func:`keep_card_through`
+wraps that method of the trainer running the callback, so the SPLoRA block and metadata are merged
+back right after it, above the trainer's text, before the upload.
 
 Pushing: :func:`push_adapter_to_hub` uploads the folder (adapter, card, report). PEFT's own
 ``model.push_to_hub(repo)`` (transformers' ``PushToHubMixin``) writes the card *already in the Hub
@@ -32,7 +40,8 @@ logger = logging.get_logger(__name__)
 
 CARD = "README.md"
 BEGIN, END = "<!-- splora:begin -->", "<!-- splora:end -->"
-TAGS = ["splora", "lora", "safety"]
+TAGS = ["splora", "lora", "peft", "safety", "transformers"]
+PIPELINE_TAG = "text-generation"
 # what push_adapter_to_hub uploads from a folder (a Trainer's output_dir also holds checkpoints and logs)
 UPLOAD_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", CARD,
                    "splora_report.json", "splora_report.html", "tokenizer*", "special_tokens_map.json",
@@ -113,11 +122,14 @@ def card_block(facts: CardFacts) -> str:
         what = (f"`{facts.action}`: {len(facts.acted)} of {facts.total_layers or '?'} LoRA layers {verb} ({mix})")
         if facts.components:
             removed = sum(len(indices) for indices in facts.components.values())
-            what = f"`prune`: {removed} rank-one components of {len(facts.acted)} LoRA layers removed ({mix})"
+            what = (f"`prune`: {removed} rank-one components removed from {len(facts.acted)} of "
+                    f"{facts.total_layers or '?'} LoRA layers ({mix}); every layer stays, at a lower rank")
         if facts.parameters_removed:
             what += f"; {facts.parameters_removed:,} LoRA parameters removed"
+    elif facts.action in ("none", "not applied"):
+        what = f"`{facts.action}`: nothing changed (monitoring only)"
     else:
-        what = f"`{facts.action}`: no layer changed (monitoring only)"
+        what = f"`{facts.action}`: nothing changed (the selection rule chose nothing)"
     rows = [("Aligned model (this adapter applies to it)", f"`{facts.aligned}`" if facts.aligned else "-"),
             ("Unaligned base (alignment subspace V = W_aligned - W_base)", f"`{facts.base}`" if facts.base else "-"),
             ("Selection rule", facts.rule), ("Action", what)]
@@ -129,7 +141,7 @@ def card_block(facts: CardFacts) -> str:
             text += f"; aligned model {_number(values['aligned'])}"
         rows.append((f"Measured: {signal}", text))
     if facts.predicted:
-        rows.append(("Predicted (first order, spec 3c)", ", ".join(
+        rows.append(("Predicted (first-order estimate from the probes' gradients)", ", ".join(
             f"{key.removeprefix('predicted_').replace('_', ' ')} {value:+.3f}" for key, value in facts.predicted.items())))
     if facts.report:
         rows.append(("Report", f"[{facts.report}]({facts.report}) (per-layer scores, charts)"))
@@ -142,7 +154,8 @@ def card_block(facts: CardFacts) -> str:
     if facts.acted:
         listed = ", ".join(f"`{name}`" for name in facts.acted[:64])
         more = f" and {len(facts.acted) - 64} more" if len(facts.acted) > 64 else ""
-        parts += ["## Layers acted on", "", listed + more, ""]
+        title = "Layers whose rank-one components were removed" if facts.components else "Layers acted on"
+        parts += [f"## {title}", "", listed + more, ""]
     aligned = facts.aligned or "ALIGNED_MODEL"
     parts += ["## Load it", "", "```python", "from peft import PeftModel",
               "from transformers import AutoModelForCausalLM", "",
@@ -209,8 +222,11 @@ def write_model_card(folder: str | os.PathLike, facts: CardFacts) -> Path:
     body = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n*", "", body, flags=re.DOTALL).strip()
     if facts.aligned and not data.get("base_model"):
         data["base_model"] = facts.aligned
-    data.setdefault("library_name", "peft")
-    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *TAGS]))
+    if data.get("library_name") in (None, "transformers"):  # TRL's card says transformers: this is a PEFT adapter
+        data["library_name"] = "peft"
+    data.setdefault("pipeline_tag", PIPELINE_TAG)
+    adapter_tag = [f"base_model:adapter:{facts.aligned}"] if facts.aligned else []
+    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *TAGS, *adapter_tag]))
     import yaml
 
     front = yaml.safe_dump(data, sort_keys=False).strip()
@@ -242,6 +258,50 @@ def push_adapter_to_hub(folder: str | os.PathLike, repo_id: str, *, private: boo
     commit = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(folder),
                                allow_patterns=UPLOAD_PATTERNS, commit_message=commit_message, revision=revision)
     return str(getattr(commit, "commit_url", commit))
+
+
+def calling_trainer() -> Any | None:
+    """The ``transformers.Trainer`` whose method is running up the call stack (a callback's event is
+    called from the trainer's own methods), or None. A callback is never handed its trainer."""
+    import sys
+
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def keep_card_through(trainer: Any, card: Any) -> None:
+    """Make ``trainer.create_model_card()`` (``push_to_hub`` calls it) keep the SPLoRA card.
+
+    The trainer's method writes ``output_dir/README.md`` anew; the wrapper calls it, then merges the
+    SPLoRA block and metadata back (:func:`write_model_card`: the trainer's text stays, below ours).
+    ``card``: a function giving ``(folder, CardFacts)`` of the card written, or None before the end
+    of training. Wrapping twice is a no-op.
+    """
+    import functools
+
+    original = trainer.create_model_card
+    if getattr(original, "_splora_keeps_card", False):
+        return
+
+    @functools.wraps(original)
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        written = card()
+        if written is not None and trainer.is_world_process_zero():
+            folder, facts = written
+            if Path(folder).resolve() == Path(trainer.args.output_dir).resolve():
+                write_model_card(folder, facts)
+        return result
+
+    create_model_card._splora_keeps_card = True
+    trainer.create_model_card = create_model_card
 
 
 def facts_from_cli(*, aligned: str, base: str, metric: str, selection: str, action: str, scores: Any,

@@ -394,9 +394,11 @@ def apply_action(
     and report what was done. ``action`` is a name in :data:`ACTIONS` or a callable with the same
     signature."""
     report = prepare_action(model, alignment, chosen, action, adapter_name).commit()
-    if isinstance(chosen, Mapping):
-        logger.info("SPLoRA %s: %d component(s) in %d layer(s)", report.action, sum(map(len, chosen.values())),
-                    len(chosen))
+    if report.action == "none":  # monitor only: the chosen layers are recorded, nothing is changed
+        logger.info("SPLoRA action 'none': nothing changed (%d layer(s) selected, recorded only)", len(chosen))
+    elif isinstance(chosen, Mapping):
+        logger.info("SPLoRA %s: %d rank-one component(s) removed from %d layer(s)", report.action,
+                    sum(map(len, chosen.values())), len(chosen))
     else:
         logger.info("SPLoRA %s: %d layer(s) %s", report.action, len(report.layers), report.layers[:8])
     return report

@@ -68,32 +68,57 @@ def configure_logging(args: Any) -> None:
     else:
         library.setLevel(std_logging.NOTSET)
     std_logging.getLogger(CONSOLE_LOGGER).setLevel(std_logging.INFO if level <= std_logging.WARNING else level)
+    if not any(isinstance(h, ClearProgressBars) for h in library.handlers):
+        library.handlers.insert(0, ClearProgressBars())  # before any handler that writes the line
     if not std_logging.getLogger().handlers and not any(getattr(h, "_splora", False) for h in library.handlers):
         handler = std_logging.StreamHandler()
         handler._splora = True
         library.addHandler(handler)
 
 
+class ClearProgressBars(std_logging.Handler):
+    """Clears the open tqdm bars (the Trainer's, the alignment build's) before a record of this
+    library is written, by whatever handler writes it (ours, the application's root handler), so a
+    line starts a line instead of landing after ``...62.26it/s]``; a bar redraws itself on its next
+    update. What ``tqdm.write`` does, for lines written through ``logging``."""
+
+    def emit(self, record: std_logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        for bar in list(getattr(tqdm, "_instances", ())):
+            if not getattr(bar, "disable", True):
+                bar.clear()
+
+
 def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
-    """The one console line at the end: what was acted on, the signal, where report and adapter are."""
+    """The one console line at the end: what was acted on (counted in its unit: rank-one components
+    or layers), the safety signal against the aligned model, the layers that drifted most when
+    nothing was changed, and where the report and adapter are."""
+    from .headline import acted_on, acted_words, most_drifted
+
     action = report.get("action") or {}
-    layers = list(action.get("layers") or [])
-    scored = len((report.get("history") or [{}])[-1].get("scores", {}).get("layers", []))
     config = report.get("config", {})
+    select = config.get("select")
+    select = select.get("name") if isinstance(select, dict) else select
+    acted = acted_on(report)
+    changed = False
     if not action:
-        done = f"nothing acted on (prune_at_end=False; {len(report.get('selected', []))} layers would be selected)"
+        done = f"monitor only, nothing changed (prune_at_end=False; {len(report.get('selected', []))} layers would be selected)"
     elif action.get("refused"):
-        done = f"nothing pruned: {action['refused']}"
-    elif action.get("action") == "none" or not layers:
-        done = f"no layer acted on ({action.get('action', 'none')})"
+        done = f"nothing changed: {action['refused']}"
+    elif acted is None:
+        reason = (report.get("repair") or {}).get("measured_stop", {}).get("reason")
+        done = ("monitor only, nothing changed" if action.get("action") == "none"
+                else f"nothing changed (the {select} rule chose nothing" + (f": {reason})" if reason else ")"))
     else:
+        changed = True
         kinds: dict[str, int] = {}
-        for name in layers:
+        for name in acted["layers"]:
             kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
         mix = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
-        verb = {"prune": "pruned", "project": "projected"}.get(action["action"], action["action"])
-        unit = "components of " if action.get("components") else ""
-        done = f"{verb} {unit}{len(layers)} of {scored} LoRA layers ({mix}) by {config.get('metric')} {config.get('select')}"
+        done = f"{acted_words(report)} ({mix}) by {config.get('metric')} {select}"
     summary = safety_summary(report)
     signal = ""
     if "refusal_loss" in summary:
@@ -102,6 +127,13 @@ def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
         signal = f"; refusal loss {last:.3f}" + (f" -> {after:.3f} after" if after is not None else "")
         if summary["aligned_refusal_loss"] is not None:
             signal += f" (aligned {summary['aligned_refusal_loss']:.3f})"
+    elif not changed:
+        signal = "; no safety probe, so no refusal loss (pass probe=SafetyProbe... to measure and repair)"
+    drifted = "" if changed else ", ".join(f"{name} {value:+.2f}" for name, value in
+                                           zip(short_names([n for n, _ in most_drifted(report)]),
+                                               [v for _, v in most_drifted(report)], strict=True))
+    if drifted:
+        signal += f"; most drift from alignment (E-DIEM): {drifted}"
     where = f"; report {html}" if html is not None else ""
     return f"SPLoRA: {done}{signal}{where}; adapter: {adapter}"
 

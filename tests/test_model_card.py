@@ -16,7 +16,7 @@ from tiny import add_lora, llama_attention_names, save_pair, tiny_llama
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from splora_callback import SPLoRACallback
-from splora_callback.model_card import BEGIN, END, CardFacts, push_adapter_to_hub, write_model_card
+from splora_callback.model_card import BEGIN, END, TAGS, CardFacts, push_adapter_to_hub, write_model_card
 from splora_callback.probe import SafetyProbe
 from splora_callback.report import load_report
 
@@ -92,7 +92,8 @@ def test_rewriting_a_card_replaces_our_block_and_keeps_a_trainers_card(tmp_path)
     write_model_card(tmp_path, facts)  # twice: one block
     card = ModelCard.load(tmp_path / "README.md")
     assert card.text.count(BEGIN) == 1 and "# My fine-tune" in card.text and "Trained with TRL." in card.text
-    assert card.data.tags == ["trl", "sft", "splora", "lora", "safety"] and card.data.license == "mit"
+    assert card.data.tags == ["trl", "sft", *TAGS, "base_model:adapter:org/chat"] and card.data.license == "mit"
+    assert card.data.pipeline_tag == "text-generation"
     assert card.text.index(BEGIN) < card.text.index("# My fine-tune")
     assert card.data.base_model == "org/chat"
 
