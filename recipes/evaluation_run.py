@@ -78,7 +78,7 @@ def cache_fingerprint(config: dict[str, Any], aligned: str, data: dict[str, Any]
     times; a Hub id as given), the dtype and seed, the evaluation settings that change a result and every prompt set."""
     import hashlib
 
-    from splora_callback.layers import ADAPTER_WEIGHTS
+    from splora_callback.adapter_files import ADAPTER_WEIGHTS
 
     digest = hashlib.sha256((run_dir(config) / "adapter-lora" / ADAPTER_WEIGHTS).read_bytes())
     folder = Path(aligned)  # its files, not the alignment caches recipe_data keeps next to them

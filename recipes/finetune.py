@@ -142,7 +142,7 @@ def last_checkpoint(trainer_dir: Path) -> Path:
 
 def copy_adapter(source: Path, target: Path) -> None:
     """Copy a PEFT adapter (config + weights) to ``target``."""
-    from splora_callback.layers import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from splora_callback.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     target.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):

@@ -191,7 +191,7 @@ class AlignmentSubspace:
             else:
                 aligned_weight = base_weight(layers[spec.name])
             base_weight_tensor = base_checkpoint.module_weight(spec.name, spec.fan_in_fan_out)
-            direction = _alignment_direction(spec.name, aligned_weight, base_weight_tensor, base)
+            direction = alignment_direction(spec.name, aligned_weight, base_weight_tensor, base)
             frobenius[spec.name] = frobenius_norm(direction)
             spectral[spec.name] = spectral_norm(direction) if frobenius[spec.name] > 0 else 0.0
             ratios[spec.name] = _ratio(frobenius[spec.name], frobenius_norm(base_weight_tensor))
@@ -288,7 +288,7 @@ def _cache_key(specs: list[ModuleSpec], base: SafetensorsCheckpoint, aligned: Sa
                 aligned_rows = base_weight(layers[spec.name])[:KEY_ROWS]
             if aligned_rows.shape != base_rows.shape:
                 return None
-            rows[spec.name] = _digest(_alignment_direction(spec.name, aligned_rows, base_rows, base.path))
+            rows[spec.name] = _digest(alignment_direction(spec.name, aligned_rows, base_rows, base.path))
     except (CheckpointError, AlignmentMismatchError):
         return None
     return {
@@ -408,7 +408,7 @@ def _specs_from_targets(
     return [ModuleSpec(name, fan_in_fan_out) for name in names]
 
 
-def _alignment_direction(
+def alignment_direction(
     name: str, aligned_weight: torch.Tensor, base_weight_tensor: torch.Tensor, base: object
 ) -> torch.Tensor:
     """``V = W_aligned - W_base`` in float32 (bf16 differences would round away small updates)."""

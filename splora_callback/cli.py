@@ -82,7 +82,7 @@ def _resolve_aligned(args: argparse.Namespace) -> None:
     args.aligned_source = "--aligned"
     if args.aligned is not None:
         return
-    from .layers import read_adapter_config
+    from .adapter_files import read_adapter_config
 
     recorded = read_adapter_config(args.adapter_dir).get("base_model_name_or_path")
     if not recorded:
@@ -117,7 +117,7 @@ class Scored(NamedTuple):
 
 
 def _score(args: argparse.Namespace) -> Scored:
-    from .layers import lora_updates_from_adapter
+    from .adapter_files import lora_updates_from_adapter
     from .scoring import score_updates
 
     if getattr(args, "probe_prompts", None):
@@ -147,7 +147,7 @@ def _score_with_probes(args: argparse.Namespace):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .layers import lora_updates_from_adapter
+    from .adapter_files import lora_updates_from_adapter
     from .probe import SafetyProbe, UtilityProbe, probe_pairs
     from .scoring import score_layers
 

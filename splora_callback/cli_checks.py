@@ -103,7 +103,7 @@ def load_tokenizer(aligned: str, source: str = "--aligned") -> Any:
 def check_scaling(updates: Sequence[LoraUpdate], config: dict, adapter_dir: str | os.PathLike) -> None:
     """Refuse an adapter whose LoRA scaling is zero everywhere (``lora_alpha=0``): every update is zero
     whatever ``lora_B`` holds, so nothing can be scored (the statuses would all say "inactive")."""
-    from .layers import ADAPTER_CONFIG
+    from .adapter_files import ADAPTER_CONFIG
 
     if not updates or any(update.scaling != 0 for update in updates):
         return
@@ -144,7 +144,7 @@ def adapter_subfolders(adapter_dir: str | os.PathLike) -> list[Path]:
     ``<dir>/NAME/``): a pruned copy carries them unchanged. Not carried: hidden folders (a killed
     write's leftovers) and ``splora/``, the callback's pruned copy of a checkpoint (derived from
     the very adapter being pruned, not another one)."""
-    from .layers import ADAPTER_CONFIG
+    from .adapter_files import ADAPTER_CONFIG
     from .resume import CHECKPOINT_SUBDIR
 
     return sorted(entry for entry in Path(adapter_dir).iterdir()

@@ -35,13 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._io import check_output_path
-from .alignment import CACHE_FORMAT, AlignmentSubspace, _alignment_direction, cache_matches_checkpoints
+from .alignment import CACHE_FORMAT, AlignmentSubspace, alignment_direction, cache_matches_checkpoints
 from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint
-from .layers import (
-    PEFT_PREFIX,
-    model_input_paths,
-    resolve_adapter_name,
-)
+from .layer_names import model_input_paths
+from .layers import PEFT_PREFIX, resolve_adapter_name
 from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, spectral_norm
 from .probe import SafetyProbe, UtilityProbe
 from .pruning import (
@@ -287,7 +284,7 @@ def _alignment_from_sharded(
                     fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
                     aligned_weight = weight.T if fan_in_fan_out else weight
                     base_weight = checkpoint.module_weight(name, fan_in_fan_out)
-                    direction = _alignment_direction(name, aligned_weight, base_weight, base)
+                    direction = alignment_direction(name, aligned_weight, base_weight, base)
                 except Exception as exc:
                     error = exc
                     continue

@@ -1,32 +1,26 @@
-"""Find the LoRA layers of a model (or of a saved adapter) and read their factors.
+"""The live model's LoRA layers: find them (:func:`iter_lora_layers`, the one walk over a model's
+modules that every module uses), check what the scores support, and read their factors.
 
-Everything downstream works on :class:`LoraUpdate`: the factors of one adapted linear module in
+A saved adapter's files are read in ``adapter_files.py``; layer names and write guards are in
+``layer_names.py``. Everything downstream works on :class:`LoraUpdate`: the factors of one adapted linear module in
 *weight orientation*, so that the update is ``dW = scaling * lora_B @ lora_A`` with shape
 ``(out_features, in_features)`` whatever the module type (GPT-2 ``Conv1D`` included).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import math
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils.other import get_pattern_key
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class UnsupportedAdapterError(ValueError):
@@ -35,21 +29,6 @@ class UnsupportedAdapterError(ValueError):
 
 class NoLoraLayersError(ValueError):
     """The model or adapter has no LoRA layer for the requested adapter."""
-
-
-class UnknownLayerError(KeyError, ValueError):
-    """A layer name that is not a LoRA layer of the adapter (a typo, or already pruned)."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0]) if self.args else ""
-
-
-class InvalidAdapterError(ValueError):
-    """A saved adapter's files are unreadable or malformed (corrupt weights, bad JSON, missing fields)."""
-
-
-class NothingLeftError(ValueError):
-    """Pruning would remove every LoRA layer: nothing of the fine-tune left, and PEFT cannot load it."""
 
 
 class QuantizedBaseError(ValueError):
@@ -140,7 +119,7 @@ def resolve_adapter_name(model: nn.Module, adapter_name: str | None = None) -> s
     if isinstance(model, PeftModel):
         active = model.active_adapters
     else:  # LoRA added through transformers' integration: ask the layers themselves
-        layer = next((module for module in model.modules() if isinstance(module, LoraLayer)), None)
+        layer = next((module for _, module in iter_lora_layers(model)), None)
         if layer is None:
             raise NoLoraLayersError(
                 "The model has no LoRA layer: wrap it with peft.get_peft_model(model, "
@@ -158,18 +137,35 @@ def resolve_adapter_name(model: nn.Module, adapter_name: str | None = None) -> s
 def adapter_names(model: nn.Module) -> set[str]:
     """Names of the adapters the model holds (its ``peft_config``, or its LoRA layers' adapters)."""
     names = set(getattr(model, "peft_config", None) or {})
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for attribute in module.adapter_layer_names:
-                names.update(getattr(module, attribute, {}).keys())
+    for _, module in iter_lora_layers(model):
+        for attribute in module.adapter_layer_names:
+            names.update(getattr(module, attribute, {}).keys())
     return names
 
 
-def iter_lora_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, LoraLayer]]:
-    """Yield ``(name, layer)`` for every ``LoraLayer`` that holds ``adapter_name``, in module order."""
-    for name, module in unwrap_peft(model).named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+def iter_lora_layers(model: nn.Module, adapter_name: str | None = None, *,
+                     unwrap: bool = True) -> Iterator[tuple[str, LoraLayer]]:
+    """Yield ``(name, layer)`` for every ``LoraLayer`` (that holds ``adapter_name`` in ``lora_A``,
+    when given), in module order: found by type, never by name or shape.
+
+    Names are those inside a ``PeftModel`` (the checkpoint's, without ``base_model.model.``);
+    ``unwrap=False`` walks ``model`` itself (an FSDP v1 root: ``sharding.lora_layers`` cleans them).
+    """
+    for name, module in (unwrap_peft(model) if unwrap else model).named_modules():
+        if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.lora_A):
             yield name, module
+
+
+def get_lora_layer(model: nn.Module, name: str, adapter_name: str) -> LoraLayer:
+    """The LoRA layer called ``name`` (a checkpoint name, as :func:`iter_lora_layers` gives it).
+
+    Raises:
+        KeyError: ``name`` is not a LoRA layer holding ``adapter_name`` (already pruned?).
+    """
+    module = unwrap_peft(model).get_submodule(name)
+    if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        raise KeyError(f"{name} is not a LoRA layer of adapter {adapter_name!r} (already pruned?).")
+    return module
 
 
 def check_supported(name: str, layer: LoraLayer, adapter_name: str) -> None:
@@ -219,8 +215,8 @@ def check_no_unscored_layers(model: nn.Module, adapter_name: str) -> None:
     Raises:
         UnsupportedAdapterError: names the first such module and how to leave it out.
     """
-    for name, module in unwrap_peft(model).named_modules():
-        if isinstance(module, LoraLayer) and adapter_name not in module.lora_A and any(
+    for name, module in iter_lora_layers(model):
+        if adapter_name not in module.lora_A and any(
             adapter_name in getattr(module, attribute, {}) for attribute in module.adapter_layer_names
         ):
             raise UnsupportedAdapterError(
@@ -322,256 +318,3 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
     weight = dequantize_module_weight(layer.get_base_layer())
     weight = weight.detach()
     return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
-
-
-def adapter_scaling(config: dict, name: str) -> float:
-    """PEFT's scaling for module ``name`` from a saved ``adapter_config.json`` (rank/alpha patterns)."""
-    rank = config["r"]
-    alpha = config["lora_alpha"]
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), rank)
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """``adapter_config.json`` of a saved LoRA adapter, checked for what the scores support.
-
-    Raises:
-        FileNotFoundError: the directory holds no adapter.
-        InvalidAdapterError: the file cannot be read, is not a JSON object, or lacks ``r`` /
-            ``lora_alpha`` (or holds values PEFT would not accept: a regex in ``exclude_modules``,
-            ``rank_pattern`` or ``alpha_pattern`` that does not compile).
-        UnsupportedAdapterError: not a LoRA adapter (VeRA, LoHa, ...), or DoRA / LoRA bias.
-    """
-    from .checkpoint import check_readable
-
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    try:
-        check_readable(path, "Adapter config", InvalidAdapterError)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} not found: ADAPTER_DIR must be a directory written by PeftModel.save_pretrained."
-            + _interrupted_hint(Path(adapter_dir))
-        ) from None
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidAdapterError(f"{path} is not valid JSON ({error}); save the adapter again.") from error
-    if not isinstance(config, dict):
-        raise InvalidAdapterError(
-            f"{path} holds a JSON {type(config).__name__}, not an object: it is not a PEFT adapter config."
-        )
-    if config.get("peft_type") != "LORA":
-        raise UnsupportedAdapterError(
-            f"{path}: peft_type {config.get('peft_type')!r} is not LORA: SPLoRA scores and prunes LoRA adapters "
-            "(dW = s * B @ A) only, not VeRA, LoHa, LoKr, IA3 or prompt tuning; train the adapter with "
-            "peft.LoraConfig to use it."
-        )
-    if config.get("use_dora"):
-        raise UnsupportedAdapterError(f"{adapter_dir}: DoRA adapters are not supported.")
-    if config.get("lora_bias"):
-        raise UnsupportedAdapterError(f"{adapter_dir}: lora_bias=True is not supported.")
-    for key, positive in (("r", True), ("lora_alpha", False)):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-            raise InvalidAdapterError(
-                f"{path}: field {key!r} is {'missing' if key not in config else repr(value)}; a LoRA adapter "
-                f"config needs {key!r} as a {'positive integer' if positive else 'number'}. Save the adapter "
-                "again with PeftModel.save_pretrained."
-            )
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise InvalidAdapterError(f"{path}: field {key!r} must be an object (pattern -> number), got {config[key]!r}.")
-    from .pruning import check_adapter_patterns  # pruning imports this module
-
-    try:  # a regex PEFT cannot compile: the adapter cannot be loaded, nor a pruned copy of it
-        check_adapter_patterns(config, [], components=False)
-    except ValueError as error:
-        raise InvalidAdapterError(f"{path}: {error}") from error
-    return config
-
-
-def _interrupted_hint(directory: Path) -> str:
-    """A note when a killed ``--overwrite`` left the only copy of ``directory`` in a hidden folder."""
-    kept = sorted(directory.parent.glob(f".{directory.name}.*.old/{directory.name}")) if directory.name else []
-    if not kept:
-        return ""
-    return (f" A run killed while replacing it left the previous copy in {kept[-1]}: move it back with "
-            f"`mv {kept[-1]} {directory}` (the next write to {directory.parent} does it too).")
-
-
-def lora_updates_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict,
-                                 source: str = "the adapter weights") -> list[LoraUpdate]:
-    """LoRA updates from a saved adapter's state dict (keys ``base_model.model.<name>.lora_A.weight``).
-
-    Raises:
-        UnsupportedAdapterError: LoRA tensors the scores do not cover (embeddings, convolutions,
-            DoRA magnitudes, biases).
-        InvalidAdapterError: a ``lora_A`` without its ``lora_B`` (or the reverse), or factors whose
-            shapes do not fit (ranks differ from each other or from the config).
-        NoLoraLayersError: no ``lora_A``/``lora_B`` pair at all.
-    """
-    suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
-    fix = "SPLoRA scores plain LoRA updates dW = s * B @ A on linear layers only."
-    for key in state_dict:
-        if "lora_" in key and not key.endswith((suffix_a, suffix_b)):
-            raise UnsupportedAdapterError(f"{source}: tensor {key!r} is not a linear LoRA factor. {fix}")
-    names = [key[: -len(suffix_a)] for key in state_dict if key.endswith(suffix_a)]
-    orphans = [key for key in state_dict if key.endswith(suffix_b) and key[: -len(suffix_b)] + suffix_a not in state_dict]
-    if orphans:
-        raise InvalidAdapterError(f"{source}: {orphans[0]!r} has no matching lora_A; the adapter file is incomplete.")
-    updates = []
-    for key_prefix in names:
-        name = key_prefix.removeprefix(PEFT_PREFIX)
-        lora_a, lora_b = state_dict[key_prefix + suffix_a], state_dict.get(key_prefix + suffix_b)
-        if lora_b is None:
-            raise InvalidAdapterError(f"{source}: {name} has lora_A without lora_B; the adapter file is incomplete.")
-        if lora_a.ndim != 2 or lora_b.ndim != 2:
-            raise UnsupportedAdapterError(
-                f"{source}: {name} has {lora_a.ndim}-D LoRA factors (a convolution?). {fix}"
-            )
-        if lora_a.shape[0] != lora_b.shape[1]:
-            raise InvalidAdapterError(
-                f"{source}: {name}: lora_A is {tuple(lora_a.shape)} (rank {lora_a.shape[0]}) but lora_B is "
-                f"{tuple(lora_b.shape)} (rank {lora_b.shape[1]}); the ranks must match. The adapter file is "
-                "corrupt or was edited: save it again."
-            )
-        rank = _configured_rank(config, name)
-        if rank != lora_a.shape[0]:
-            raise InvalidAdapterError(
-                f"{source}: {name} has rank {lora_a.shape[0]} but adapter_config.json gives r={rank} for it "
-                "(r / rank_pattern); the config and the weights belong to different adapters."
-            )
-        updates.append(
-            LoraUpdate(
-                name=name,
-                lora_A=lora_a,
-                lora_B=lora_b,
-                scaling=adapter_scaling(config, name),
-                fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-            )
-        )
-    if not updates:
-        raise NoLoraLayersError(f"{source} hold no lora_A/lora_B pair.")
-    return updates
-
-
-def _configured_rank(config: dict, name: str) -> int:
-    rank_pattern = config.get("rank_pattern") or {}
-    return rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
-
-
-def lora_updates_from_adapter(adapter_dir: str | Path) -> tuple[list[LoraUpdate], dict, dict]:
-    """Read a saved adapter without loading any model.
-
-    Returns:
-        ``(updates, config, state_dict)``: the updates, the adapter config as a dict, and the raw
-        tensors (kept so that a pruned copy can be written from them).
-
-    Raises:
-        FileNotFoundError, InvalidAdapterError, UnsupportedAdapterError: see
-            :func:`read_adapter_config` and :func:`lora_updates_from_state_dict`; a truncated or
-            corrupt ``adapter_model.safetensors`` is an ``InvalidAdapterError`` naming the file.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .checkpoint import check_readable
-
-    config = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    try:
-        check_readable(weights, "Adapter weights", InvalidAdapterError)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{weights} not found (only safetensors adapters are supported).") from None
-    try:
-        state_dict = load_file(str(weights))
-    except SafetensorError as error:
-        raise InvalidAdapterError(
-            f"{weights} is not a readable safetensors file ({error}): it is truncated or corrupt. "
-            "Save the adapter again (PeftModel.save_pretrained)."
-        ) from error
-    return lora_updates_from_state_dict(state_dict, config, str(weights)), config, state_dict
-
-
-# --- what a write must never touch, and what it must contain ------------------------------------
-
-
-def check_layer_names(chosen: object, known: Sequence[str], what: str = "chosen") -> list[str]:
-    """``chosen`` as a list of layer names, each one of ``known``.
-
-    Raises:
-        TypeError: ``chosen`` is a single string (``list("q_proj")`` would be its letters) or not
-            a sequence of strings.
-        ValueError: a name is not a LoRA layer here; close matches are suggested.
-    """
-    if isinstance(chosen, (str, bytes)):
-        raise TypeError(f"{what}={chosen!r} is one string; pass a list of layer names: [{chosen!r}].")
-    try:
-        names = list(chosen)
-    except TypeError:
-        raise TypeError(f"{what} must be a list of layer names, got {type(chosen).__name__}.") from None
-    if not all(isinstance(name, str) for name in names):
-        raise TypeError(f"{what} must hold layer names (str), got {[type(n).__name__ for n in names][:3]}.")
-    available = set(known)
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(known), n=3)
-        raise UnknownLayerError(
-            f"{what}: {unknown[0]!r} is not a LoRA layer of this adapter (already pruned?); it has "
-            f"{len(available)}, e.g. {sorted(available)[:2]}" + (f"; did you mean {close}?" if close else ".")
-        )
-    return names
-
-
-def checked_layer_names(model: nn.Module, chosen: object, adapter_name: str | None = None,
-                        prune: bool = False) -> list[str]:
-    """``chosen`` checked against the live model's LoRA layers (:func:`check_layer_names`), and,
-    with ``prune``, refused when it is all of them (:func:`check_not_everything`)."""
-    known = [name for name, _ in iter_lora_layers(model, resolve_adapter_name(model, adapter_name))]
-    names = check_layer_names(chosen, known)
-    if prune:
-        check_not_everything(names, known)
-    return names
-
-
-def saved_layer_names(state_dict: Mapping[str, object]) -> list[str]:
-    """Module names of the LoRA layers in a saved adapter's state dict."""
-    suffix = ".lora_A.weight"
-    return [key[: -len(suffix)].removeprefix(PEFT_PREFIX) for key in state_dict if key.endswith(suffix)]
-
-
-def check_not_everything(pruned: Sequence[str], layers: Sequence[str]) -> None:
-    """Refuse to prune every LoRA layer of an adapter.
-
-    Raises:
-        NothingLeftError: ``pruned`` covers all of ``layers``: nothing of the fine-tune would be
-            left, and ``PeftModel.from_pretrained`` refuses such an adapter (``NoMatchingPeftModuleError``).
-    """
-    if layers and set(layers) <= set(pruned):
-        raise NothingLeftError(
-            f"Pruning all {len(set(layers))} LoRA layers would leave nothing of the fine-tune, and PEFT "
-            "cannot load an adapter without a LoRA module. Use the aligned model itself, or select fewer "
-            "layers (a smaller k / fraction, a higher threshold)."
-        )
-
-
-def model_input_paths(model: nn.Module, adapter_name: str, alignment: object | None = None) -> dict[str, str]:
-    """Local folders and files a write for ``model`` must never touch: the model's checkpoint, the
-    adapter's base model, and the alignment's base / aligned checkpoints and cache file."""
-    inputs: dict[str, str] = {}
-    peft_config = getattr(model, "peft_config", None)
-    config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else None
-    candidates = {
-        "model checkpoint": getattr(getattr(unwrap_peft(model), "config", None), "_name_or_path", None),
-        "adapter's base model": getattr(config, "base_model_name_or_path", None),
-    }
-    source = getattr(alignment, "source", None) or {}
-    candidates.update({"base model": source.get("base"), "aligned model": source.get("aligned"),
-                       "alignment cache": getattr(alignment, "cache_file", None)})
-    for label, value in candidates.items():
-        if isinstance(value, (str, os.PathLike)) and str(value) and Path(value).expanduser().exists():
-            inputs[label] = str(value)
-    return inputs

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ._io import OutputNotWritableError, check_output_path, check_writable
-from .layers import NothingLeftError, check_not_everything, model_input_paths
+from .layer_names import NothingLeftError, check_not_everything, model_input_paths
 from .model_card import CARD, UNPARSED_CARD, card_problem
 from .pruning import check_adapter_patterns
 

@@ -19,27 +19,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
-from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from torch import nn
 
 from ._io import atomic_directory, check_output_path
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_scaling, saved_layer_names
 from .alignment import AlignmentSubspace
 from .components import ComponentBasis, component_basis, kept_alpha, kept_factors
-from .layers import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
-    adapter_scaling,
-    check_layer_names,
-    check_not_everything,
-    checked_layer_names,
-    model_input_paths,
-    resolve_adapter_name,
-    saved_layer_names,
-    unwrap_peft,
-)
+from .layer_names import check_layer_names, check_not_everything, checked_layer_names, model_input_paths
+from .layers import PEFT_PREFIX, get_lora_layer, resolve_adapter_name, unwrap_peft
 from .metrics import safe_lora_projection
 from .transaction import Edit, LiveEdits, delete_item, set_attribute, set_item
 
@@ -70,13 +59,6 @@ class ActionReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _lora_layer(model: nn.Module, name: str, adapter_name: str) -> LoraLayer:
-    module = unwrap_peft(model).get_submodule(name)
-    if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-        raise KeyError(f"{name} is not a LoRA layer of adapter {adapter_name!r} (already pruned?).")
-    return module
 
 
 def excluded(exclude_modules: str | Iterable[str] | None, names: Sequence[str]) -> str | set[str]:
@@ -114,7 +96,7 @@ def _layer_removal(model: nn.Module, name: str, adapter: str) -> list[Edit]:
     this adapter's entries are removed, and which adapters are active stays as it was (PEFT's
     ``delete_adapter`` would switch another adapter on in this module).
     """
-    layer = _lora_layer(model, name, adapter)
+    layer = get_lora_layer(model, name, adapter)
     if len(layer.lora_A) == 1:
         root = unwrap_peft(model)
         parent_name, _, child = name.rpartition(".")
@@ -131,7 +113,7 @@ def prepare_prune_layers(model: nn.Module, names: Sequence[str], adapter_name: s
     names = checked_layer_names(model, names, adapter, prune=True)  # typos, one string, every layer
     prepared = PreparedAction(ActionReport("prune", list(names), adapter))
     for name in names:
-        layer = _lora_layer(model, name, adapter)
+        layer = get_lora_layer(model, name, adapter)
         prepared.report.parameters_removed += layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
         prepared.edits.add(*_layer_removal(model, name, adapter))
     config = model.peft_config[adapter]
@@ -167,7 +149,7 @@ def prepare_prune_components(
     report, ranks, alphas = prepared.report, config.rank_pattern, config.alpha_pattern
     emptied = []
     for name, indices in chosen.items():
-        layer = _lora_layer(model, name, adapter)
+        layer = get_lora_layer(model, name, adapter)
         down, up = layer.lora_A[adapter], layer.lora_B[adapter]
         scaling = float(layer.scaling[adapter])
         keep = kept_components(component_basis(down.weight, up.weight, scaling), indices, name)
@@ -300,7 +282,7 @@ def prepare_project_layers(
     adapter = resolve_adapter_name(model, adapter_name)
     prepared = PreparedAction(ActionReport("project", list(names), adapter))
     for name in names:
-        weight = _lora_layer(model, name, adapter).lora_B[adapter].weight
+        weight = get_lora_layer(model, name, adapter).lora_B[adapter].weight
         if projected is None:
             _check_projectable(alignment, name)
             new = safe_lora_projection(alignment.directions[name], weight, alignment.frobenius_norms[name])

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .components import component_basis, kept_factors
-from .layers import resolve_adapter_name
+from .layers import get_lora_layer, resolve_adapter_name
 from .probe import ProbeSet
-from .pruning import _lora_layer, kept_components
+from .pruning import kept_components
 from .safety import probe_loss
 from .scoring import LayerScores
 from .selection import Selection, as_selection, attributions, budget_order
@@ -115,7 +115,7 @@ def masked_units(model: nn.Module, units: Sequence[Hashable], adapter_name: str 
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for name, indices in _removals(units).items():
-            layer = _lora_layer(model, name, adapter)
+            layer = get_lora_layer(model, name, adapter)
             down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             saved.append((down, down.detach().clone()))
             saved.append((up, up.detach().clone()))

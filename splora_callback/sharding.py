@@ -27,8 +27,8 @@ from .layers import (
     NoLoraLayersError,
     check_no_unscored_layers,
     check_supported,
+    iter_lora_layers,
     resolve_adapter_name,
-    unwrap_peft,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,15 +228,14 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> tuple[str,
     adapter = resolve_adapter_name(inner, adapter_name)
     check_no_unscored_layers(inner, adapter)  # LoRA on embeddings: refused, never skipped silently
     if inner is root:  # no FSDP v1 root: PEFT's own unwrapping gives the checkpoint names
-        named, prefix = unwrap_peft(root).named_modules(), ""
+        named, prefix = iter_lora_layers(root, adapter), ""
     else:  # FSDP v1: walk the wrapped tree (the units live there), strip wrapper names and PEFT's prefix
-        named, prefix = root.named_modules(), PEFT_PREFIX if isinstance(inner, PeftModel) else ""
+        named, prefix = iter_lora_layers(root, adapter, unwrap=False), PEFT_PREFIX if isinstance(inner, PeftModel) else ""
     layers = []
     for raw, module in named:
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            name = clean_name(raw).removeprefix(prefix)
-            _check(name, module, adapter)
-            layers.append((name, module))
+        name = clean_name(raw).removeprefix(prefix)
+        _check(name, module, adapter)
+        layers.append((name, module))
     if not layers:
         raise NoLoraLayersError(
             f"No LoRA layer holds adapter {adapter!r}: wrap the model with peft.get_peft_model(model, "

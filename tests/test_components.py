@@ -16,13 +16,14 @@ from reference import dense_geometry
 from test_probe import llama_model, random_probe, reference_loss, spearman
 from tiny import add_lora, tiny_gpt2, tiny_llama
 
+from splora_callback.adapter_files import lora_updates_from_adapter
 from splora_callback.components import (
     component_attribution,
     component_basis,
     component_geometry,
     kept_factors,
 )
-from splora_callback.layers import iter_lora_layers, lora_updates_from_adapter, lora_updates_from_model
+from splora_callback.layers import iter_lora_layers, lora_updates_from_model
 from splora_callback.probe import UtilityProbe
 from splora_callback.pruning import acted_adapter, apply_action, prune_components, save_acted_adapter
 from splora_callback.scoring import LayerScore, LayerScores, score_layers

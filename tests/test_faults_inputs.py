@@ -36,8 +36,8 @@ from tiny import add_lora, lora_trainer
 from transformers import AutoModelForCausalLM
 
 from splora_callback._io import remove_stale_temporaries
+from splora_callback.adapter_files import InvalidAdapterError, read_adapter_config
 from splora_callback.checkpoint import CheckpointError, SafetensorsCheckpoint
-from splora_callback.layers import InvalidAdapterError, read_adapter_config
 
 pristine, work = cli_cases.pristine, cli_cases.work  # base/, aligned/, adapter/: a fresh copy per test
 NOT_STARTED = "SPLoRA alignment subspace"  # the progress bar of the first real work (reading weights)
@@ -147,7 +147,7 @@ def test_13_killed_checkpoint_copy_never_breaks_resume_and_stale_temporaries_are
     saved = digest(checkpoint)
     kill_while_writing = (  # SIGKILL (as a SIGTERM without handler) while checkpoint-4/splora is written
         "import os, signal, sys, splora_callback.pruning as pruning\n"
-        "from splora_callback.layers import lora_updates_from_adapter\n"
+        "from splora_callback.adapter_files import lora_updates_from_adapter\n"
         "def save_file(tensors, path, metadata=None):\n"
         "    open(path, 'wb').write(b'half')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

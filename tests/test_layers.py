@@ -1,4 +1,4 @@
-"""Reading LoRA factors from live models and saved adapters gives the same updates as PEFT."""
+"""Finding a live model's LoRA layers, and reading their factors from it and from saved adapters (the same updates as PEFT)."""
 
 import pytest
 import torch
@@ -6,10 +6,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from splora_callback import lora_updates_from_model
+from splora_callback.adapter_files import lora_updates_from_adapter, read_adapter_config
 from splora_callback.layers import (
     UnsupportedAdapterError,
-    lora_updates_from_adapter,
-    read_adapter_config,
+    adapter_names,
+    get_lora_layer,
+    iter_lora_layers,
     unwrap_peft,
 )
 
@@ -51,3 +53,20 @@ def test_unsupported_adapter_configs_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(UnsupportedAdapterError, match="is not LORA"):
         read_adapter_config(tmp_path)
+
+
+def test_one_walk_finds_the_lora_layers_by_type_and_adapter():
+    from tiny import add_lora, tiny_llama
+
+    model = add_lora(tiny_llama(), targets=["q_proj", "v_proj"])
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    names = [name for name, _ in iter_lora_layers(model, "default")]
+    assert names == [f"model.layers.{i}.self_attn.{kind}" for i in range(2) for kind in ("q_proj", "v_proj")]
+    assert [name for name, _ in iter_lora_layers(model, "other")] == names[::2]
+    assert [name for name, _ in iter_lora_layers(model)] == names  # any adapter
+    assert [name for name, _ in iter_lora_layers(model, "default", unwrap=False)] == [
+        "base_model.model." + name for name in names]
+    assert adapter_names(model) == {"default", "other"}
+    assert get_lora_layer(model, names[1], "default") is dict(iter_lora_layers(model, "default"))[names[1]]
+    with pytest.raises(KeyError, match="is not a LoRA layer of adapter 'other'"):
+        get_lora_layer(model, names[1], "other")

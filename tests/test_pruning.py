@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from splora_callback import AlignmentSubspace, apply_action, save_acted_adapter, score_layers, select_layers
 from splora_callback._io import OutputExistsError
-from splora_callback.layers import lora_updates_from_adapter, unwrap_peft
+from splora_callback.adapter_files import lora_updates_from_adapter
+from splora_callback.layers import unwrap_peft
 from splora_callback.pruning import write_adapter
 
 INPUT = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7]])

@@ -10,7 +10,7 @@ import torch
 from test_components import _plant_two_components, task_probe
 from test_probe import llama_model, random_probe, reference_loss
 
-from splora_callback.layers import NothingLeftError
+from splora_callback.layer_names import NothingLeftError
 from splora_callback.pruning import apply_action, prune_components
 from splora_callback.repair import masked_units, measured_stop
 from splora_callback.safety import adapters_disabled, aligned_refusal_loss, probe_loss

@@ -39,14 +39,8 @@ from splora_callback._io import UnsafeOutputError, atomic_write_text, recover_le
 from splora_callback.alignment import AlignmentCacheError
 from splora_callback.checkpoint import SafetensorsCheckpoint
 from splora_callback.dashboard import render_html
-from splora_callback.layers import (
-    QUANTIZED_LORA_MODULES,
-    NothingLeftError,
-    QuantizedBaseError,
-    UnknownLayerError,
-    quantization_of,
-    unwrap_peft,
-)
+from splora_callback.layer_names import NothingLeftError, UnknownLayerError
+from splora_callback.layers import QUANTIZED_LORA_MODULES, QuantizedBaseError, quantization_of, unwrap_peft
 from splora_callback.report import build_report
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"

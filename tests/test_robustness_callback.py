@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from splora_callback import SPLoRACallback, SPLoRAConfig, UnsupportedAdapterError
 from splora_callback._io import OutputNotWritableError
-from splora_callback.layers import NothingLeftError
+from splora_callback.layer_names import NothingLeftError
 from splora_callback.report import REPORT_HTML, REPORT_JSON, load_report
 
 LORA_LAYERS = 8
