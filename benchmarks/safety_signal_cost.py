@@ -31,7 +31,8 @@ from probe_cost import load_smollm2, timed  # noqa: E402
 
 from splora_callback.data import load_harmbench_behaviors  # noqa: E402
 from splora_callback.probe import harmbench_probe  # noqa: E402
-from splora_callback.safety import aligned_refusal_loss, probe_loss, refusal_rate_now  # noqa: E402
+from splora_callback.safety import aligned_refusal_loss, refusal_rate_now  # noqa: E402
+from splora_callback.teacher_forced import probe_loss  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target:
     number of steps; None: calibrate, i.e. run up to ``spec.max_steps`` and keep the first step
     whose refusal loss (eval mode) is at most ``target``, or all of them if none is.
     """
-    from splora_callback.safety import probe_loss
+    from splora_callback.teacher_forced import probe_loss
 
     fixed = spec.steps
     limit = int(fixed if fixed is not None else spec.max_steps)

@@ -33,9 +33,9 @@ from .components import component_basis, kept_factors
 from .layers import get_lora_layer, resolve_adapter_name
 from .probe import ProbeSet
 from .pruning import kept_components
-from .safety import probe_loss
 from .scoring import LayerScores
 from .selection import Selection, as_selection, attributions, budget_order
+from .teacher_forced import probe_loss
 
 __all__ = ["RepairTrace", "masked_units", "measured_stop", "predicted_repair", "repair_selection", "restore_target"]
 

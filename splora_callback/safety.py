@@ -25,16 +25,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.utils import logging
 
-from .data import IGNORE_INDEX
-from .evaluation import generate, prefix_cache, refusal_rate, shared_prefix_length
-from .probe import ProbeSet, preserved_state, response_logits
+from .evaluation import generate, refusal_rate
+from .probe import ProbeSet
 from .sharding import unwrap_parallel
+from .teacher_forced import probe_loss
 
 logger = logging.get_logger(__name__)
 
@@ -62,55 +60,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, before, strict=True):
             layer._disable_adapters = flag
-
-
-def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> int:
-    """Leading columns of a right-padded batch that every row has, attended, before any target.
-
-    ``targets``: (B, T - 1) bool, the positions whose logits predict a response token. The count
-    is at most the first target position, so every logit the loss needs comes after it; 0 for one row.
-    """
-    if input_ids.shape[0] < 2:
-        return 0
-    rows = [row[:length].tolist() for row, length in zip(input_ids, (attention_mask != 0).sum(dim=1), strict=True)]
-    needed = targets.any(dim=0).nonzero()
-    return min(shared_prefix_length(rows), int(needed[0]) if len(needed) else input_ids.shape[1])
-
-
-@torch.no_grad()
-def probe_loss(probe: ProbeSet, model: nn.Module, share_prefix: bool = True) -> float:
-    """The probe's mean token loss over its response tokens (nats), without gradients.
-
-    The same ``L`` as :meth:`ProbeSet.run` computes with its attributions (eval mode, logits at the
-    response positions only), at the cost of forward passes alone. Every rank of a multi-process
-    run computes the whole probe (a sharded model gathers inside each forward: the same passes
-    everywhere), so the value is the same on all ranks. Modes and RNG states are restored.
-
-    ``share_prefix``: the tokens every pair of a batch starts with (the chat template's system
-    prompt: about a third of a SmolLM2 probe pair) run once, and each row continues from their
-    cache (as :func:`~splora_callback.evaluation.generate` does): the same loss to float rounding
-    (tested against ``share_prefix=False``); on the demo's probe 3.0-3.4 s a pass instead of 3.5-3.7 s.
-    """
-    module = unwrap_parallel(model)
-    device = next(module.parameters()).device
-    total = 0.0
-    with preserved_state(module):
-        for start in range(0, len(probe), probe.batch_size):
-            rows = slice(start, start + probe.batch_size)
-            ids, mask, labels = probe.input_ids[rows], probe.attention_mask[rows], probe.labels[rows]
-            targets = labels[:, 1:] != IGNORE_INDEX
-            if not targets.any():
-                continue
-            shared = shared_prompt_length(ids, mask, targets) if share_prefix else 0
-            cache = prefix_cache(module, ids[0, :shared].tolist(), len(ids)) if shared else {}
-            if not cache:
-                shared = 0
-            logits = response_logits(module, ids[:, shared:].to(device), mask.to(device),
-                                     targets[:, shared:].to(device), **cache)
-            # fp32 at least: a bf16 sum of token losses loses the differences the signal tracks
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            total += float(F.cross_entropy(logits, labels[:, 1:][targets].to(device), reduction="sum"))
-    return total / probe.response_tokens
 
 
 def aligned_refusal_loss(probe: ProbeSet, model: nn.Module) -> float:

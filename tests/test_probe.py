@@ -20,16 +20,10 @@ from splora_callback import data as data_module
 from splora_callback import probe as probe_module
 from splora_callback.data import IGNORE_INDEX, REFUSAL_TEMPLATES, refusal_pairs
 from splora_callback.layers import UnsupportedAdapterError, iter_lora_layers
-from splora_callback.probe import (
-    SafetyProbe,
-    attribute_slice,
-    harmbench_probe,
-    lora_down_projections,
-    preserved_state,
-    probe_pairs,
-)
+from splora_callback.probe import SafetyProbe, harmbench_probe, lora_down_projections, probe_pairs
 from splora_callback.scoring import LayerScore, LayerScores, score_layers
 from splora_callback.selection import random_matched, select_layers
+from splora_callback.teacher_forced import attribute_slice, preserved_state
 
 IDENTITY_RTOL = 1e-9  # three forms of one inner product from one float64 backward pass
 # Between separate passes (other batching, loss scale): transformers' Llama RMSNorm computes in

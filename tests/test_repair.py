@@ -13,9 +13,10 @@ from test_probe import llama_model, random_probe, reference_loss
 from splora_callback.layer_names import NothingLeftError
 from splora_callback.pruning import apply_action, prune_components
 from splora_callback.repair import masked_units, measured_stop
-from splora_callback.safety import adapters_disabled, aligned_refusal_loss, probe_loss
+from splora_callback.safety import adapters_disabled, aligned_refusal_loss
 from splora_callback.scoring import score_layers
 from splora_callback.selection import as_selection, budget_order, rank_layers
+from splora_callback.teacher_forced import probe_loss
 
 
 def _logits(model, ids):

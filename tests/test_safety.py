@@ -13,13 +13,8 @@ from transformers import LlamaForCausalLM
 from splora_callback import SPLoRACallback, SPLoRAConfig
 from splora_callback.probe import SafetyProbe
 from splora_callback.report import load_report
-from splora_callback.safety import (
-    SafetyMonitor,
-    adapters_disabled,
-    aligned_refusal_loss,
-    probe_loss,
-    refusal_rate_now,
-)
+from splora_callback.safety import SafetyMonitor, adapters_disabled, aligned_refusal_loss, refusal_rate_now
+from splora_callback.teacher_forced import probe_loss
 
 LOSS_RTOL = 1e-5  # float32 model: the same forward passes in another batching
 
@@ -179,12 +174,12 @@ def test_refusal_rate_now_restores_the_model_mode(pair):
 def test_probe_loss_with_a_shared_prompt_prefix_is_the_dense_loss(pair, monkeypatch):
     """Pairs that start alike (a chat template's system prompt): the prefix runs once and every row
     continues from its cache; the loss is the dense one, and the same without sharing."""
-    from splora_callback import safety
-    from splora_callback.safety import shared_prompt_length
+    from splora_callback import teacher_forced
+    from splora_callback.teacher_forced import shared_prompt_length
 
     caches = []
-    real_prefix_cache = safety.prefix_cache
-    monkeypatch.setattr(safety, "prefix_cache", lambda *args: caches.append(real_prefix_cache(*args)) or caches[-1])
+    real_prefix_cache = teacher_forced.prefix_cache
+    monkeypatch.setattr(teacher_forced, "prefix_cache", lambda *args: caches.append(real_prefix_cache(*args)) or caches[-1])
 
     model = trained_lora(pair[1])
     gen = torch.Generator().manual_seed(4)
