@@ -47,23 +47,25 @@ _PAST = {"ediem": ">", "probe": ">", "cosine": "<", "signed": "<"}
 
 
 def format_table(scores: LayerScores, chosen: Sequence[str] = (), sort: str = "module") -> str:
-    """A readable per-layer table: layer, kind, E-DIEM, cosine, relative distance, status, in
-    ``sort`` order (``provenance.SORTS``)."""
+    """A readable per-layer table: layer, kind, the scores computed (E-DIEM, cosine, relative distance,
+    signed alignment; the probes' attributions), status, in ``sort`` order (``provenance.SORTS``)."""
     from .provenance import sorted_scores
 
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:+.4f}"
 
-    header = ("layer", "kind", "E-DIEM", "cosine", "rel.dist", "signed", "status")
+    columns = [("E-DIEM", "ediem"), ("cosine", "cosine"), ("rel.dist", "relative_distance"),
+               ("signed", "signed_alignment"), ("probe", "probe"), ("utility", "utility")]
+    # only the scores this run computed (with --probe-prompts and no --base: the probe's, no geometry)
+    columns = [(title, field) for title, field in columns
+               if any(getattr(score, field, None) is not None for score in scores)] or columns[:4]
+    header = ("layer", "kind", *(title for title, _ in columns), "status")
     rows = []
     for score in sorted_scores(scores, sort):
         status = "SELECTED" if score.name in chosen else score.status
         if score.ediem_scaled is False:
             status += " (unscaled: IQR=0)"
-        rows.append(
-            (score.name, score.kind, number(score.ediem), number(score.cosine),
-             number(score.relative_distance), number(score.signed_alignment), status)
-        )
+        rows.append((score.name, score.kind, *(number(getattr(score, field, None)) for _, field in columns), status))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -89,6 +91,21 @@ def _resolve_aligned(args: argparse.Namespace) -> None:
         raise ValueError(f"{Path(args.adapter_dir) / 'adapter_config.json'} records no base_model_name_or_path; "
                          "pass --aligned (the aligned checkpoint the adapter was trained on).")
     args.aligned, args.aligned_source = recorded, "adapter_config.json base_model_name_or_path"
+
+
+def _infer_base(args: argparse.Namespace) -> None:
+    """``--base`` defaults to ALIGNED's model card ``base_model`` (or the known pairs), said on stderr."""
+    from .base_models import BaseModelNotFound, infer_base_model
+
+    try:
+        args.base, source = infer_base_model(args.aligned)
+    except BaseModelNotFound:
+        unless = (", or --probe-prompts FILE to score by the safety probe alone"
+                  if hasattr(args, "probe_prompts") else "")
+        raise ValueError(f"--base BASE is required: the unaligned model {args.aligned} was aligned from (its model "
+                         f"card has no base_model, and it is not a known pair); pass --base BASE{unless}.") from None
+    print(f"BASE: {args.base} (from {source}: the base_model of {args.aligned}; --base overrides it)",
+          file=sys.stderr)
 
 
 def _alignment(args: argparse.Namespace, names: list[str], fan_in_fan_out: bool) -> AlignmentSubspace:
@@ -127,8 +144,7 @@ def _score(args: argparse.Namespace) -> Scored:
         raise ValueError("--granularity component, --budget and --restore need the safety probe: pass "
                          "--probe-prompts FILE (and --utility-examples FILE for --budget and --restore).")
     if not args.base:
-        raise ValueError("--base BASE is required (the unaligned model ALIGNED was aligned from), unless "
-                         "--probe-prompts scores the adapter with the safety probe.")
+        _infer_base(args)
 
     if args.cache:  # the cache is written: never inside the adapter (checkpoints are checked later)
         check_output_path(args.cache, {"adapter": args.adapter_dir}, what="--cache")
@@ -142,7 +158,7 @@ def _score(args: argparse.Namespace) -> Scored:
 
 def _score_with_probes(args: argparse.Namespace):
     """Scores of the live adapter on the aligned model: the safety probe (and the utility probe)
-    run on it, geometry too when ``--base`` is given (spec 3b, 3c). Loads the model."""
+    run on it, geometry too when ``--base`` is given. Loads the model."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -383,10 +399,12 @@ examples:
   splora score out/adapter --base BASE --json - | jq '.layers[] | select(.ediem > 2)'
   splora prune out/adapter --base BASE --top-k 10 --output out/pruned   # out/adapter is never touched
   splora report out                                                     # out/splora_report.html again
-  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \
-      --granularity component --budget 0.05 --output out/repaired       # loads the model (docs/components.md)
-  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \
-      --granularity component --restore 0.8 --output out/repaired       # measured stop (docs/efficacy.md)
+  # loads the model; removes rank-one components until the predicted task-loss rise reaches 5 %:
+  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \\
+    --granularity component --budget 0.05 --output out/repaired
+  # the measured repair (the callback's default): until 80 % of the refusal-loss rise is undone:
+  splora prune out/adapter --probe-prompts probe.jsonl --utility-examples task.jsonl \\
+    --granularity component --restore 0.8 --output out/repaired
 """
 
 
@@ -410,11 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splora-callback {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def scoring_options(sub: argparse.ArgumentParser) -> None:
+    def scoring_options(sub: argparse.ArgumentParser, probes: bool = False) -> None:
         sub.add_argument("adapter_dir", help="LoRA adapter directory written by PeftModel.save_pretrained")
         sub.add_argument("--base", metavar="BASE",
-                         help="the unaligned base model ALIGNED was aligned from: directory or Hub id (required "
-                              "unless --probe-prompts is given)")
+                         help="the unaligned base model ALIGNED was aligned from: directory or Hub id (default: "
+                              "the base_model of ALIGNED's model card, or a known pair"
+                              + (", not needed with --probe-prompts)" if probes else ")"))
         sub.add_argument("--aligned", metavar="ALIGNED",
                          help="the aligned model the adapter was trained on: directory or Hub id (default: "
                               "adapter_config.json's base_model_name_or_path)")
@@ -432,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--threshold", type=float, help="select layers past this score")
         sub.add_argument("--select", metavar="NAME",
                          help="a selection rule by name (splora_callback.rules.RULES, or one --rule registers); "
-                              "--top-k / --fraction / --threshold / --budget / --restore become its parameters")
+                              "--top-k / --fraction / --threshold" + (" / --budget / --restore" if probes else "")
+                              + " become its parameters")
         sub.add_argument("--rule", metavar="MODULE:ATTR",
                          help="import a rule of your own (a splora_callback.rules.Rule subclass or a function "
                               "(scores, context) -> selection) from MODULE, e.g. my_rules:AboveMedianProbe, and "
@@ -449,11 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="write a pruned (or projected) copy of an adapter, with a model card",
                                 description=MODELS_HELP, epilog=EXAMPLES, formatter_class=formatter)
-    scoring_options(prune)
+    scoring_options(prune, probes=True)
     prune.add_argument("--output", required=True, help="new adapter directory (the input is never touched)")
     probes = prune.add_argument_group(
-        "repair with the safety probe (spec 3b, 3c): these LOAD the aligned model and the adapter (CPU, float32) "
-        "and run a forward and backward pass over the examples")
+        "repair with the safety probe (select by each layer's or rank-one component's measured effect on the "
+        "refusal loss): these LOAD the aligned model and the adapter (CPU, float32) and run a forward and "
+        "backward pass over the examples")
     probes.add_argument("--probe-prompts", metavar="FILE",
                         help="JSONL of harmful prompts: {\"prompt\": ..., \"refusal\": ...} (refusal optional: "
                              "templated); selects by the safety probe (never use evaluation prompts here)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
-from .headline import headline, safety_figure, safety_summary, verdict
+from .headline import acted_on, acted_words, headline, safety_figure, safety_summary, verdict
 from .report import (
     REPORT_HTML,
     TABLE_COLUMNS,
@@ -71,7 +71,7 @@ def heatmap_figure(report: dict[str, Any]):
     names, steps, matrix = _score_matrix(report)
     values = np.ma.masked_invalid(np.array(matrix, dtype=float).reshape(len(names), len(steps)))
     limit = float(np.nanmax(np.abs(values.filled(np.nan)))) if values.count() else 1.0
-    size = (min(4 + 0.35 * len(steps), 16), min(1.5 + 0.18 * len(names), 30))  # inches; 7B q/k/v/o: 128 rows
+    size = (min(max(7, 4 + 0.35 * len(steps)), 16), min(2 + 0.18 * len(names), 30))  # inches; 7B q/k/v/o: 128 rows
     figure = Figure(figsize=size, layout="constrained")
     axes = figure.add_subplot()
     limit = max(limit, 1e-9)  # an all-zero history still needs vmin < 0 < vmax
@@ -86,19 +86,36 @@ def heatmap_figure(report: dict[str, Any]):
     ticks = range(0, len(steps), max(1, len(steps) // 12))
     axes.set_xticks(list(ticks), [str(steps[i]) for i in ticks])
     axes.set_xlabel("training step")
-    axes.set_title("E-DIEM per layer and step (red: drifts from alignment)")
+    axes.set_title("E-DIEM per layer and step\n(red: drifts from alignment more than its peers)", fontsize=10)
     figure.colorbar(image, ax=axes, label="E-DIEM (IQR units from the median)")
     return figure
 
 
+SCORE_LABELS = {"ediem": "E-DIEM", "cosine": "Safe LoRA cosine", "probe": "safety-probe attribution",
+                "signed": "signed alignment", "signed_alignment": "signed alignment"}
+
+
+def chosen_by(report: dict[str, Any]) -> str:
+    """The per-layer score the selection used (the config's ``metric``), where the scores have it; else E-DIEM."""
+    metric = (report.get("config") or {}).get("metric")
+    field = {"signed": "signed_alignment"}.get(metric, metric)
+    scores = final_scores(report)
+    if field in SCORE_LABELS and scores and any(isinstance(getattr(score, field, None), (int, float)) for score in scores):
+        return field
+    return "ediem"
+
+
 def final_bar_figure(report: dict[str, Any]):
-    """Final E-DIEM per layer, pruned layers in red and hatched, threshold line dashed."""
+    """Final per-layer score of the selection's metric (E-DIEM unless the rule chose by another
+    score), acted-on layers in red and hatched; the over-threshold line for E-DIEM."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     scores, pruned = final_scores(report), set(pruned_layers(report))
+    field = chosen_by(report)
+    label = SCORE_LABELS[field]
     names = [score.name for score in scores] if scores else []
-    values = [score.ediem if score.ediem is not None else 0.0 for score in scores] if scores else []
+    values = [getattr(score, field) if getattr(score, field) is not None else 0.0 for score in scores] if scores else []
     figure = Figure(figsize=(8, min(1.5 + 0.2 * len(names), 30)), layout="constrained")
     axes = figure.add_subplot()
     colors = ["#d62728" if name in pruned else "#4c72b0" for name in names]
@@ -106,17 +123,25 @@ def final_bar_figure(report: dict[str, Any]):
     for bar, name, score in zip(bars, names, scores or [], strict=True):
         if name in pruned:
             bar.set_hatch("//")
-        if score.ediem is None:
+        if getattr(score, field) is None:
             axes.text(0, bar.get_y() + bar.get_height() / 2, f" {score.status}", va="center", fontsize=7,
                       color="grey")
     axes.set_yticks(range(len(names)), short_names(names), fontsize=max(4, 9 - len(names) // 32))
     axes.invert_yaxis()
-    axes.axvline(report["over_threshold"], color="black", linestyle="--", linewidth=0.8)
-    axes.set_xlabel("E-DIEM at the last scoring step")
-    action = (report.get("action") or {}).get("action")
-    done = {"prune": "pruned", "project": "projected"}.get(action, "acted on")
-    axes.set_title(f"Final E-DIEM per layer ({len(pruned)} {done})" if pruned else "Final E-DIEM per layer")
-    axes.legend(handles=[Patch(color="#d62728", hatch="//", label="pruned / acted on"),
+    if field == "ediem":
+        axes.axvline(report["over_threshold"], color="black", linestyle="--", linewidth=0.8)
+    axes.set_xlabel(f"{label} at the last scoring step")
+    acted = acted_on(report)
+    if acted is None:
+        done, marked = "", "acted on"
+    elif acted["unit"] == "components":
+        done = f" ({acted['count']} rank-one components removed from {len(pruned)} layers)"
+        marked = "rank-one components removed"
+    else:
+        marked = {"prune": "pruned", "project": "projected"}.get(acted["action"], "acted on")
+        done = f" ({len(pruned)} {marked})"
+    axes.set_title(f"Final {label} per layer{done}", fontsize=10)
+    axes.legend(handles=[Patch(color="#d62728", hatch="//", label=marked),
                          Patch(color="#4c72b0", label="kept")], loc="lower right", fontsize=7)
     return figure
 
@@ -144,8 +169,10 @@ def kind_figure(report: dict[str, Any]):
     totals = [sum(score.kind == kind for score in scores) for kind in kinds]
     hit = [sum(score.kind == kind and score.name in pruned for score in scores) for kind in kinds]
     bars.bar(kinds, totals, color="#c7d3e8", label="layers")
-    bars.bar(kinds, hit, color="#d62728", label="pruned / acted on")
-    bars.set(title="Layers acted on per module kind", ylabel="layers")
+    components = (acted_on(report) or {}).get("unit") == "components"
+    bars.bar(kinds, hit, color="#d62728", label="components removed" if components else "pruned / acted on")
+    bars.set(title="Layers with components removed, per kind" if components else "Layers acted on per module kind",
+             ylabel="layers")
     bars.yaxis.set_major_locator(MaxNLocator(integer=True))
     bars.legend(fontsize=7)
     return figure
@@ -197,18 +224,31 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:1
         "code{background:#f4f4f4}")
 _CAPTIONS = {
     "safety": "The safety signal: the safety probe's refusal loss at every scoring step (higher = the model refuses "
-              "less readily), against the aligned model's (adapter disabled, dashed) and the alert level (dotted); "
-              "the star is the value after the end-of-training action; the refusal rate of greedy generations on "
-              "held-out prompts on the right axis when measured. See docs/dashboard.md for what to do.",
+              "less readily), against the aligned model's (adapter disabled, dashed){alert}; "
+              "{star}the refusal rate of greedy generations on held-out prompts on the right axis when measured. "
+              "The verdict above the figures says what to do.",
     "heatmap": "E-DIEM per layer and scoring step. Red: the update strays from the alignment subspace more "
                "than its peers; blue: less; grey: inactive (LoRA B still zero) or not judgeable (V = 0).",
-    "final_bar": "E-DIEM at the last scoring step. Red hatched bars: layers the action was applied to. "
-                 "Dashed line: the over-threshold level.",
+    "final_bar": "{score} at the last scoring step: the score the selection used. Red hatched bars: layers the "
+                 "action was applied to{threshold}",
     "kinds": "Module kinds: mean E-DIEM over training, and how many layers of each kind were acted on. "
-             "Which kinds are pruned can matter more than which layers (spec 7).",
+             "Which kinds are acted on can matter more than which layers: on this project's demo a random "
+             "choice of the same module kinds restored as much as E-DIEM's choice.",
     "summary": "Summary series: E-DIEM max/mean, Safe LoRA cosine and signed alignment min/mean (negative: "
                "against alignment), layers over threshold and the current selection size.",
 }
+
+
+def caption(key: str, report: dict[str, Any]) -> str:
+    """A figure's caption, naming only what that figure draws (the alert line, the star, the threshold)."""
+    summary = safety_summary(report)
+    field = chosen_by(report)
+    return _CAPTIONS[key].format(
+        alert=" and the alert level (dotted)" if summary["loss_level"] is not None else "",
+        star=("the star is the value after the end-of-training action; "
+              if summary["after_action"].get("refusal_loss") is not None else ""),
+        score=SCORE_LABELS[field],
+        threshold="; dashed line: the over-threshold level." if field == "ediem" else ".")
 
 
 def _cell(value: Any) -> str:
@@ -226,8 +266,9 @@ def render_html(report: dict[str, Any]) -> str:
              f"<p>Status <b>{_cell(report['status'])}</b> at step {_cell(report['step'])}; metric "
              f"<code>{_cell(config.get('metric'))}</code>, selection "
              f"<code>{_cell(config.get('select'))}</code>, "
-             f"action <code>{_cell(config.get('action'))}</code>. Layers acted on ({len(pruned)}): "
-             f"{_cell(', '.join(pruned) or 'none')}.</p>",
+             f"action <code>{_cell(config.get('action'))}</code>. "
+             + (f"{html.escape(acted_words(report)[:1].upper() + acted_words(report)[1:])}: " if pruned else "Nothing changed: ")
+             + f"{_cell(', '.join(pruned) or 'no layer acted on')}.</p>",
              f"<div id='headline' style='border-left:4px solid #d62728;padding:0.3em 1em;background:#fafafa'>"
              f"<p><b>Safety signal.</b> {html.escape(headline(report))}</p>"
              f"<p>{html.escape(verdict(report))}</p></div>"]
@@ -239,7 +280,7 @@ def render_html(report: dict[str, Any]) -> str:
         for key, function in {**lead, **FIGURES}.items():
             png = base64.b64encode(figure_png(function(report))).decode()
             parts.append(f"<figure id='{key}'><img alt='{key}' src='data:image/png;base64,{png}'>"
-                         f"<figcaption>{html.escape(_CAPTIONS[key])}</figcaption></figure>")
+                         f"<figcaption>{html.escape(caption(key, report))}</figcaption></figure>")
         header = "".join(f"<th>{html.escape(column)}</th>" for column in TABLE_COLUMNS)
         rows = "".join(f"<tr class='{'pruned' if row[-1] else ''}'>"
                        + "".join(f"<td>{_cell(value)}</td>" for value in row) + "</tr>"

@@ -94,6 +94,10 @@ def test_trainer_create_model_card_and_push_to_hub_keep_the_splora_card(pair, tm
     text = (tmp_path / "out" / "README.md").read_text()
     assert_splora_card(text, pair[1])
     assert "More information needed" in text  # the Trainer's own text is kept, below ours
+    html = (tmp_path / "out" / "splora_report.html").read_text()
+    for shown in (text, html):  # what users read explains itself: no "spec 3c", no docs/ path of a clone
+        assert not INTERNAL.search(shown), INTERNAL.search(shown)
+    assert "Pruned 2 of 8 LoRA layers" in html
     hub = FakeHub()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
     trainer.push_to_hub()
@@ -175,3 +179,113 @@ def test_console_lines_start_a_line_under_the_trainers_progress_bar_and_monitor_
     assert f"report {tmp_path / 'out' / 'splora_report.html'}" in line
     assert "SPLoRA none:" not in raw  # the action 'none' no longer reads as if something acted
     assert not INTERNAL.search(raw), INTERNAL.search(raw)
+
+
+# --- the CLI: every hint names a flag of the command that prints it ---------------------------------
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*[a-z](?![\w-])")  # a flag argparse wrapped at its hyphen is skipped
+
+
+def command_flags() -> dict[str, set[str]]:
+    """Each `splora` command's own options (the top-level parser's under "")."""
+    from splora_callback.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [action for action in parser._actions if hasattr(action, "choices") and isinstance(action.choices, dict)]
+    flags = {"": {option for action in parser._actions for option in action.option_strings}}
+    for name, command in sub.choices.items():
+        flags[name] = {option for action in command._actions for option in action.option_strings}
+    return flags
+
+
+def foreign_flags(text: str, command: str, flags: dict[str, set[str]]) -> set[str]:
+    """Flags in ``text`` that ``command`` does not accept; a line naming `splora OTHER` (and the lines
+    continuing it) may use OTHER's flags."""
+    bad, current = set(), [command]
+    for line in text.splitlines():
+        named = re.findall(r"splora (score|prune|report)\b", line)
+        if named:
+            current = named
+        elif not line.startswith("    "):
+            current = [command]
+        allowed = set().union(*(flags[name] for name in current)) | flags[command]
+        bad |= {flag for flag in FLAG.findall(line) if flag not in allowed}
+    return bad
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str]:
+    from splora_callback.cli import main
+
+    try:
+        code = main([str(item) for item in argv])
+    except SystemExit as error:
+        code = error.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture
+def saved_adapter(planted_llama, tmp_path):
+    model, base_dir, aligned_dir, _ = planted_llama
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", base_dir, aligned_dir
+
+
+def test_every_cli_help_names_only_its_own_flags_and_no_internal_reference(capsys):
+    flags = command_flags()
+    for command in ("", "score", "prune", "report"):
+        code, text = run_cli([command, "--help"] if command else ["--help"], capsys)
+        assert code == 0
+        assert not foreign_flags(text, command, flags), (command, foreign_flags(text, command, flags))
+        assert not INTERNAL.search(text), (command, INTERNAL.search(text))
+        # a shell line continuation in an example is printed, not eaten by the Python string
+        assert all(line.rstrip().endswith("\\") for line in text.splitlines() if "task.jsonl" in line)
+
+
+def test_cli_hints_name_flags_the_command_accepts_and_base_comes_from_the_aligned_card(saved_adapter, tmp_path,
+                                                                                         capsys):
+    adapter, base_dir, aligned_dir = saved_adapter
+    flags = command_flags()
+    card = aligned_dir / "README.md"
+    card_before = card.read_text() if card.exists() else None
+    try:
+        if card.exists():
+            card.unlink()
+        for command, argv in (("score", ["score", adapter, "--aligned", aligned_dir]),
+                              ("prune", ["prune", adapter, "--aligned", aligned_dir, "--top-k", "1",
+                                         "--output", tmp_path / "pruned"]),
+                              ("score", ["score", adapter, "--aligned", aligned_dir, "--base", base_dir,
+                                         "--select", "repair"]),
+                              ("prune", ["prune", adapter, "--aligned", aligned_dir, "--base", base_dir,
+                                         "--top-k", "0", "--output", tmp_path / "pruned"])):
+            code, text = run_cli(argv, capsys)
+            assert code != 0 or command == "score", text
+            assert FLAG.search(text), text  # a hint was given
+            assert not foreign_flags(text, command, flags), (argv, text)
+        # ALIGNED's card names its base: --base is not needed, and the CLI says where BASE came from
+        card.write_text(f"---\nbase_model: {base_dir}\n---\n\n# aligned\n")
+        code, text = run_cli(["score", adapter, "--aligned", aligned_dir, "--top-k", "2"], capsys)
+        assert code == 0, text
+        assert f"BASE: {base_dir} (from model card {card}" in text and "SELECTED" in text
+    finally:
+        card.unlink(missing_ok=True)
+        if card_before is not None:
+            card.write_text(card_before)
+
+
+def test_prune_with_probe_prompts_prints_the_probe_scores_not_a_table_of_dashes(saved_adapter, tmp_path, capsys):
+    adapter, _, aligned_dir = saved_adapter
+    folder = tmp_path / "aligned-with-tokenizer"
+    import shutil
+
+    shutil.copytree(aligned_dir, folder)
+    word_tokenizer(folder)
+    prompts = tmp_path / "probe.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "w{i} w{i + 1} w{i + 2}", "refusal": "w9 w8"}}\n' for i in range(4)))
+    code, text = run_cli(["prune", adapter, "--aligned", folder, "--probe-prompts", prompts, "--top-k", "2",
+                          "--output", tmp_path / "pruned"], capsys)
+    assert code == 0, text
+    header = next(line for line in text.splitlines() if line.startswith("layer "))
+    assert "probe" in header.split() and "E-DIEM" not in header.split()  # no --base: no geometry column
+    rows = [line for line in text.splitlines() if line.startswith("base_model.") or ".self_attn." in line]
+    assert rows and all(re.search(r"[+-]\d\.\d{4}", row) for row in rows), rows[:3]
