@@ -3,14 +3,13 @@
 ``plan_variants`` lists them (aligned, LoRA, every rule at every fraction, kind-matched and uniform
 random controls), ``load_variant`` writes one into a plain model (the trained LoRA with the rule's
 action, merged), ``evaluate_variants`` evaluates them all, in forked worker processes when asked,
-and ``check_lora_effect`` checks the premise of every comparison first. ``RULES`` is the registry
-of selection rules (name -> how it chooses layers, what it does to them).
+and ``check_lora_effect`` checks the premise of every comparison first. ``RULES`` is the study's
+table of evaluated rules (name -> the library selection rule, the score it ranks by, its action).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import multiprocessing
 import time
@@ -21,33 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def top_fraction(metric: str, scores: Any, fraction: float) -> list[str]:
-    """The ``fraction`` most suspect scored layers by ``metric`` (``select_layers``), most suspect first."""
-    from splora_callback import select_layers
-
-    return select_layers(scores.with_metric(metric).with_granularity("layer"), "fraction", fraction=fraction)
-
-
-def top_components(metric: str, scores: Any, fraction: float) -> list[tuple[str, int]]:
-    """The ``fraction`` most suspect rank-one components by ``metric`` (spec 3c): at 25 % of r = 8
-    LoRA layers, as many components (240 of 960) as the layer rules remove ranks."""
-    from splora_callback import select_layers
-    from splora_callback.selection import selection_units
-
-    chosen = select_layers(scores.with_metric(metric).with_granularity("component"), "fraction", fraction=fraction)
-    return selection_units(chosen)
-
-
-def budgeted(granularity: str, budget: float, scores: Any, fraction: float) -> list:
-    """``select="budget"`` (spec 3c): best safety gain per unit of task cost until the predicted
-    task-loss increase reaches ``budget`` x the task loss; ``fraction`` is not used (its own choice)."""
-    from splora_callback import select_layers
-    from splora_callback.selection import selection_units
-
-    chosen = select_layers(scores.with_metric("probe").with_granularity(granularity), "budget", budget=budget)
-    return selection_units(chosen)
 
 
 def callback_stop(callback_report: dict[str, Any] | None, granularity: str, restore: float,
@@ -62,73 +34,101 @@ def callback_stop(callback_report: dict[str, Any] | None, granularity: str, rest
     return None
 
 
-def repaired(granularity: str, restore: float, scores: Any, fraction: float, context: dict[str, Any]) -> list:
-    """``select="repair"`` (``splora_callback.repair.repair_selection``): units in budget order, the
-    shortest prefix whose measured refusal loss has closed ``restore`` of the gap between the trained
-    LoRA's and the aligned model's. ``context``: the trained model, the safety probe and the aligned
-    refusal loss; the stop's trace goes into ``context["traces"]``. The callback's own stop is reused
-    when it is the same (:func:`callback_stop`)."""
-    from splora_callback.repair import repair_selection
-    from splora_callback.selection import selection_units
-
-    done = context.get("callback_report")
-    reused = callback_stop(done, granularity, restore, bool(context.get("same_utility")))
-    if reused is not None:
-        context.setdefault("traces", {})[f"{granularity}_repair"] = {**done["repair"]["measured_stop"],
-                                                                      "from": "callback"}
-        return reused
-    chosen, trace = repair_selection(context["model"], scores.with_metric("probe").with_granularity(granularity),
-                                     context["probe"], context["target"], restore)
-    context.setdefault("traces", {})[f"{granularity}_repair"] = trace.to_dict()
-    return selection_units(chosen)
-
-
-def no_units(scores: Any, fraction: float) -> list:
-    """Rules that do not select units (the one-shot patch retrains the LoRA instead)."""
-    return []
-
-
 @dataclass(frozen=True)
-class Rule:
-    """A selection rule: ``choose(scores, fraction)`` returns the units to act on with ``action``:
-    layer names, or ``(layer, component index)`` pairs when ``granularity="component"``.
-    ``needs_probe`` / ``needs_utility``: the rule uses the safety / utility probe's scores (the
-    evaluation then computes them). ``measured``: ``(granularity, restore)`` of a rule that measures
-    as it chooses; ``choose`` then also takes the evaluation's context (the trained model, the
-    probes and the aligned refusal loss)."""
+class StudyRule:
+    """An evaluated rule of the study: a library selection rule (``splora_callback.rules``), the
+    score it ranks by and the action it takes, as the study sweeps ``fraction``.
 
-    choose: Callable[..., Sequence[Any]]
+    ``rule(fraction)`` builds the library rule at the sweep's fraction (rules with their own stop
+    ignore it); None for a rule that selects no units (the one-shot patch retrains the LoRA).
+    ``needs_probe`` / ``needs_utility``: the evaluation computes that probe's scores;
+    ``measured``: ``(granularity, restore)`` of a rule that measures as it chooses (it then takes
+    the evaluation's context: the trained model, the probe, the aligned refusal loss)."""
+
+    rule: Callable[[float], Any] | None
+    metric: str | None  # the score it ranks by; None for a rule without units
     action: str
     label: str
     granularity: str = "layer"
-    needs_probe: bool = False
-    needs_utility: bool = False
-    measured: tuple[str, float] | None = None
+
+    def _library(self, fraction: float = 0.25) -> Any:
+        return None if self.rule is None else self.rule(fraction)
+
+    @property
+    def needs_probe(self) -> bool:
+        library = self._library()
+        return self.metric == "probe" or bool(library is not None and library.needs_probe)
+
+    @property
+    def needs_utility(self) -> bool:
+        library = self._library()
+        return bool(library is not None and library.needs_utility)
+
+    @property
+    def measured(self) -> tuple[str, float] | None:
+        library = self._library()
+        return (self.granularity, library.restore) if library is not None and library.needs_model else None
 
     @property
     def needs_model(self) -> bool:
         return self.measured is not None
 
+    def choose(self, scores: Any, fraction: float, context: dict[str, Any] | None = None) -> list:
+        """The units the rule acts on: layer names, or ``(layer, component index)`` pairs. A
+        measuring rule records its trace in ``context["traces"]``, and reuses the callback's own
+        stop when it is the same (:func:`callback_stop`)."""
+        from splora_callback.rules import SelectionContext
+        from splora_callback.selection import selection_units
 
-# The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a function
-# (scores, fraction) -> layer names and one entry here; its kind-matched control comes with it.
-RULES: dict[str, Rule] = {
-    "ediem": Rule(functools.partial(top_fraction, "ediem"), "prune", "SPLoRA (E-DIEM), prune"),
-    "cosine": Rule(functools.partial(top_fraction, "cosine"), "prune", "Safe LoRA cosine, prune"),
-    "safe_lora_project": Rule(functools.partial(top_fraction, "cosine"), "project", "Safe LoRA cosine, project"),
-    "signed": Rule(functools.partial(top_fraction, "signed"), "prune", "signed diagnostic, prune (experimental)"),
-    "probe": Rule(functools.partial(top_fraction, "probe"), "prune", "safety probe, prune", needs_probe=True),
-    "layer_budget": Rule(functools.partial(budgeted, "layer", 0.05), "prune",
-                         "layer probe + utility, budget 5 %, prune", needs_probe=True, needs_utility=True),
-    "component_probe": Rule(functools.partial(top_components, "probe"), "prune",
-                            "component safety probe, prune", granularity="component", needs_probe=True),
-    "component_budget": Rule(functools.partial(budgeted, "component", 0.05), "prune",
-                             "component probe + utility, budget 5 %, prune", granularity="component",
-                             needs_probe=True, needs_utility=True),
-    "component_repair": Rule(functools.partial(repaired, "component", 0.8), "prune",
-                             "component repair, measured stop (80 % of refusal loss)", granularity="component",
-                             needs_probe=True, needs_utility=True, measured=("component", 0.8)),
-    "one_shot_patch": Rule(no_units, "patch", "one-shot safety patch (probe pairs)"),
+        library = self._library(fraction)
+        if library is None:
+            return []
+        ranked = scores.with_metric(self.metric).with_granularity(self.granularity)
+        if not library.needs_model:
+            return selection_units(library.select(ranked, SelectionContext(acts=True)))
+        key = f"{self.granularity}_{library.name}"
+        done = context.get("callback_report")
+        reused = callback_stop(done, self.granularity, library.restore, bool(context.get("same_utility")))
+        if reused is not None:
+            context.setdefault("traces", {})[key] = {**done["repair"]["measured_stop"], "from": "callback"}
+            return reused
+        measuring = SelectionContext(model=context["model"], probe=context["probe"],
+                                     aligned_refusal_loss=context["target"], acts=True)
+        chosen = library.select(ranked, measuring)
+        context.setdefault("traces", {})[key] = measuring.notes["repair_trace"]
+        return selection_units(chosen)
+
+
+def _fraction(fraction: float) -> Any:
+    from splora_callback.rules import Fraction
+
+    return Fraction(fraction)
+
+
+def _fixed(name: str, **parameters: Any) -> Callable[[float], Any]:
+    """A library rule with its own stop: the sweep's fraction does not change it."""
+    def build(fraction: float) -> Any:
+        from splora_callback.rules import resolve_rule
+
+        return resolve_rule(name, parameters)
+    return build
+
+
+# The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a library rule
+# (``splora_callback.rules``) and one entry here; its kind-matched control comes with it.
+RULES: dict[str, StudyRule] = {
+    "ediem": StudyRule(_fraction, "ediem", "prune", "SPLoRA (E-DIEM), prune"),
+    "cosine": StudyRule(_fraction, "cosine", "prune", "Safe LoRA cosine, prune"),
+    "safe_lora_project": StudyRule(_fraction, "cosine", "project", "Safe LoRA cosine, project"),
+    "signed": StudyRule(_fraction, "signed", "prune", "signed diagnostic, prune (experimental)"),
+    "probe": StudyRule(_fraction, "probe", "prune", "safety probe, prune"),
+    "layer_budget": StudyRule(_fixed("budget", budget=0.05), "probe", "prune", "layer probe + utility, budget 5 %, prune"),
+    "component_probe": StudyRule(_fraction, "probe", "prune", "component safety probe, prune", "component"),
+    "component_budget": StudyRule(_fixed("budget", budget=0.05), "probe", "prune",
+                                  "component probe + utility, budget 5 %, prune", "component"),
+    "component_repair": StudyRule(_fixed("repair", restore=0.8), "probe", "prune",
+                                  "component repair, measured stop (80 % of refusal loss)", "component"),
+    "one_shot_patch": StudyRule(None, None, "patch", "one-shot safety patch (probe pairs)"),
 }
 METRICS = ("refusal_rate", "over_refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
 EXAMPLES_SHOWN = 4  # generations of the aligned and LoRA models quoted in results.md
