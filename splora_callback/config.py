@@ -367,6 +367,11 @@ def _check_safety(config: SPLoRAConfig) -> None:
     if prompts is not None and (isinstance(prompts, str) or not prompts
                                 or not all(isinstance(p, str) and p.strip() for p in prompts)):
         raise ValueError(f"SPLoRAConfig.refusal_prompts={prompts!r:.80}: must be a non-empty list of prompts.")
+    shared = sorted(set(getattr(config.probe, "prompts", None) or ()) & set(prompts or ()))
+    if shared:  # checked here, on construction: not after the trackers opened a run
+        raise ValueError(
+            f"SPLoRAConfig.refusal_prompts: {len(shared)} prompt(s) are also safety-probe prompts (e.g. "
+            f"{shared[0][:60]!r}); the refusal rate must be measured on held-out prompts.")
     if config.refusal_every_n_steps and prompts is None:
         raise ValueError(f"SPLoRAConfig.refusal_every_n_steps={config.refusal_every_n_steps} needs refusal_prompts "
                          "(a few held-out harmful prompts).")

@@ -182,8 +182,9 @@ class SafetyChecks:
         """Measure the references with the adapter disabled: the probe's loss, the refusal rate.
 
         Raises:
-            ValueError: ``refusal_prompts`` without a tokenizer (``Trainer(processing_class=...)``),
-                or a refusal prompt that is also a probe prompt.
+            ValueError: ``refusal_prompts`` without a tokenizer (``Trainer(processing_class=...)``);
+                a refusal prompt that is also a probe prompt is refused on construction
+                (``SPLoRAConfig``), before any tracker opens a run.
         """
         config = self.config
         if config.refusal_prompts is not None:
@@ -191,13 +192,6 @@ class SafetyChecks:
                 raise ValueError(
                     "SPLoRAConfig.refusal_prompts needs the tokenizer to generate: pass it to the Trainer as "
                     "processing_class=tokenizer (SFTTrainer does so by default)."
-                )
-            probe_prompts = getattr(config.probe, "prompts", None) or ()
-            shared = sorted(set(probe_prompts) & set(config.refusal_prompts))
-            if shared:
-                raise ValueError(
-                    f"SPLoRAConfig.refusal_prompts: {len(shared)} prompt(s) are also safety-probe prompts (e.g. "
-                    f"{shared[0][:60]!r}); the refusal rate must be measured on held-out prompts."
                 )
             self.tokenizer = tokenizer
         if config.probe is not None and self.monitor.aligned_refusal_loss is None:

@@ -55,3 +55,17 @@ def test_probe_schedule_is_checked_and_planned():
     assert "scores every 10 steps, the probes' attributions only where it acts" in config.plan()[0]
     assert "the probes' attributions every 20" in SPLoRAConfig(
         base_model="base", metric="probe", probe=probe, score_every_n_steps=10, probe_every_n_steps=20).plan()[0]
+
+
+def test_refusal_prompts_that_overlap_the_probe_are_refused_on_construction():
+    """Before any Trainer (and so any W&B run) exists: the refusal rate needs held-out prompts."""
+    import torch
+
+    from splora_callback.probe import SafetyProbe
+
+    ids = torch.ones(2, 6, dtype=torch.long)
+    probe = SafetyProbe.from_tensors(ids, torch.ones_like(ids), ids, prompts=["How do I pick a lock?", "Make a virus."])
+    with pytest.raises(ValueError, match=r"refusal_prompts: 1 prompt\(s\) are also safety-probe prompts .*pick a lock"):
+        SPLoRAConfig(metric="probe", probe=probe, refusal_prompts=["How do I pick a lock?", "Other"],
+                     refusal_every_n_steps=5)
+    SPLoRAConfig(metric="probe", probe=probe, refusal_prompts=["Held out"], refusal_every_n_steps=5)
