@@ -20,6 +20,44 @@ import torch
 from variants import EXAMPLES_SHOWN, METRICS, RULES, fraction_label
 
 
+def acted_cell(row: dict[str, Any]) -> str:
+    """What a row's model had acted on, in its unit: ``30 layers``, ``173 components (57 layers)``."""
+    units = row.get("layers") or []
+    components = [unit for unit in units if not isinstance(unit, str)]
+    if components:
+        layers = len({unit[0] for unit in components})
+        return f"{len(components)} components ({layers} layer{'s' if layers != 1 else ''})"
+    rule = RULES.get(row.get("rule"))
+    if rule is not None and rule.granularity == "component":  # chose none: still counted in its unit
+        return "0 components"
+    count = row.get("n_layers", len(units))
+    return f"{count} layer{'s' if count != 1 else ''}"
+
+
+def selected_words(selected: Any, config: dict[str, Any]) -> str:
+    """The callback's end-of-training choice in its unit: ``12 rank-one components of 7 layers``, ``3 layers``."""
+    if isinstance(selected, dict):
+        pairs = [(layer, index) for layer, indices in selected.items() for index in indices]
+    else:
+        pairs = [unit for unit in selected or [] if not isinstance(unit, str)]
+    if pairs or config.get("granularity") == "component":
+        layers = len({layer for layer, _ in pairs})
+        return f"{len(pairs)} rank-one components of {layers} layer{'s' if layers != 1 else ''}"
+    return f"{len(selected or [])} layer{'s' if len(selected or []) != 1 else ''}"
+
+
+def sweep_label(row: dict[str, Any]) -> str:
+    """The sweep's fraction, or ``own stop`` for a rule that chooses its own count (the measured
+    repair, a budget): the fraction does not change what it acts on."""
+    rule = RULES.get(row.get("rule"))
+    if row.get("fraction") and rule is not None and rule.rule is not None:
+        from splora_callback.rules import Fraction
+
+        if not isinstance(rule.rule(row["fraction"]), Fraction):
+            return "own stop"
+    return fraction_label(row.get("fraction"))
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Seeds aggregated: one entry per (rule, control, fraction) with per-metric mean, min, max."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -33,6 +71,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "fraction": fraction,
             "label": group[0]["label"],
             "n_layers": group[0]["n_layers"],
+            "acted": acted_cell(group[0]),
             "seeds": [row["seed"] for row in group if row["seed"] is not None],
         }
         for metric in METRICS:
@@ -59,6 +98,7 @@ def verdicts(summary: Sequence[dict[str, Any]], metric: str = "refusal_rate") ->
                 "label": entry["label"],
                 "fraction": entry["fraction"],
                 "n_layers": entry["n_layers"],
+                "acted": entry.get("acted", entry["n_layers"]),
                 metric: value,
                 "uniform": uniform[metric] if uniform else None,
                 "kind_matched": matched[metric] if matched else None,
@@ -118,14 +158,14 @@ COLUMNS = (
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     """The results table: one line per rule / control and fraction; random rows as mean [min, max]."""
-    head = "| rule | fraction | layers pruned | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    head = "| rule | fraction | acted on | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
     for entry in summary:
         spread = len(entry["seeds"]) > 1
         label = entry["label"] + (f" ({len(entry['seeds'])} seeds)" if spread else "")
         cells = [_cell(entry[metric], digits, spread) for metric, _, digits in COLUMNS]
         lines.append(
-            f"| {label} | {fraction_label(entry['fraction'])} | {entry['n_layers']} | " + " | ".join(cells) + " |"
+            f"| {label} | {sweep_label(entry)} | {entry.get('acted', entry['n_layers'])} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -137,14 +177,14 @@ def verdict_table(rows: Sequence[dict[str, Any]]) -> str:
         return "-" if not stats else f"{stats['mean']:.3f} [{stats['min']:.3f}, {stats['max']:.3f}]"
 
     lines = [
-        "| rule | layers pruned | refusal (rule) | kind-matched random | uniform random | "
+        "| rule | acted on | refusal (rule) | kind-matched random | uniform random | "
         "beats kind-matched | beats uniform | ROUGE-L (rule / kind-matched mean) |",
         "|" + "---|" * 8,
     ]
     for row in rows:
         matched_rouge = "-" if row["rougeL_kind_matched"] is None else f"{row['rougeL_kind_matched']:.3f}"
         lines.append(
-            f"| {row['label']} | {row['n_layers']} ({fraction_label(row['fraction'])}) | {row['refusal_rate']:.3f} | "
+            f"| {row['label']} | {row.get('acted', row['n_layers'])} ({sweep_label(row)}) | {row['refusal_rate']:.3f} | "
             f"{spread(row['kind_matched'])} | {spread(row['uniform'])} | {'yes' if row['beats_kind_matched'] else 'no'} | "
             f"{'yes' if row['beats_uniform'] else 'no'} | {row['rougeL']:.3f} / {matched_rouge} |"
         )
@@ -167,7 +207,7 @@ def interval_table(rows: Sequence[dict[str, Any]]) -> str:
             paired = None if row["rule"] not in RULES else paired_against(rows, row["rule"], control, row["fraction"])
             cells.append("-" if paired is None else f"{paired['won']:.1f} / {paired['lost']:.1f}")
         lines.append(
-            f"| {row['label']} | {row['n_layers']} | {rate_interval(row.get('refusals'))} | "
+            f"| {row['label']} | {acted_cell(row)} | {rate_interval(row.get('refusals'))} | "
             f"{rate_interval(row.get('over_refusals'))} | {row['rougeL']:.3f} | {cells[0]} | {cells[1]} |"
         )
     return "\n".join(lines)
@@ -300,15 +340,16 @@ def render_results(output_dir: Path, payload: dict[str, Any]) -> None:
 
 
 def kind_table(payload: dict[str, Any]) -> str:
-    """How many layers of each module kind every rule's own choice holds (spec 7: kinds matter)."""
+    """How many layers of each module kind every rule's own choice holds (kinds matter: a random choice
+    of the same kinds restored as much as E-DIEM's)."""
     kinds = {item["name"]: item["kind"] for item in payload["scores"]["layers"]}
     names = sorted(set(kinds.values()))
-    lines = ["| rule | layers pruned | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    lines = ["| rule | acted on | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
     for row in payload["rows"]:
         if row["rule"] in RULES and row["control"] is None and row["layers"]:
             counts = Counter(kinds[unit if isinstance(unit, str) else unit[0]] for unit in row["layers"])
             lines.append(
-                f"| {row['label']} | {row['n_layers']} ({fraction_label(row['fraction'])}) | "
+                f"| {row['label']} | {acted_cell(row)} ({sweep_label(row)}) | "
                 + " | ".join(str(counts.get(kind, 0)) for kind in names)
                 + " |"
             )
@@ -374,7 +415,8 @@ def results_markdown(payload: dict[str, Any]) -> str:
         f"{premise['aligned']['refusal_rate']:.3f} -> {premise['lora']['refusal_rate']:.3f}.",
         "",
         f"The callback (metric `{chosen.get('metric')}`, select `{chosen.get('select')}`, action "
-        f"`{chosen.get('action')}`) chose {len(callback['selected'])} layers at the end of training: `adapter/` is "
+        f"`{chosen.get('action')}`) chose {selected_words(callback['selected'], chosen)} at the end of training: "
+        "`adapter/` is "
         "that adapter, `adapter-lora/` the unpruned one, `splora_report.html` (or the W&B run) the drift dashboard.",
         "",
         "## Results",

@@ -289,3 +289,19 @@ def test_prune_with_probe_prompts_prints_the_probe_scores_not_a_table_of_dashes(
     assert "probe" in header.split() and "E-DIEM" not in header.split()  # no --base: no geometry column
     rows = [line for line in text.splitlines() if line.startswith("base_model.") or ".self_attn." in line]
     assert rows and all(re.search(r"[+-]\d\.\d{4}", row) for row in rows), rows[:3]
+
+
+def test_results_count_the_unit_acted_on_and_a_rule_with_its_own_stop_has_no_fraction():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    import results
+
+    repair = {"rule": "component_repair", "control": None, "fraction": 0.25, "n_layers": 3,
+              "layers": [["l0.q_proj", 0], ["l0.q_proj", 1], ["l1.v_proj", 0]]}
+    assert results.acted_cell(repair) == "3 components (2 layers)"
+    assert results.acted_cell({**repair, "layers": []}) == "0 components"
+    assert results.sweep_label(repair) == "own stop"
+    ediem = {"rule": "ediem", "control": None, "fraction": 0.25, "n_layers": 30, "layers": ["x"] * 30}
+    assert results.acted_cell(ediem) == "30 layers" and results.sweep_label(ediem) == "25%"
+    assert results.selected_words({"l0.q_proj": [0, 1]}, {"granularity": "component"}) == \
+        "2 rank-one components of 1 layer"
+    assert results.selected_words(["l0.q_proj"], {"granularity": "layer"}) == "1 layer"

@@ -592,7 +592,7 @@ def test_summary_and_verdicts_hand_computed():
     assert by_rule["ediem"]["beats_kind_matched"] and not by_rule["ediem"]["beats_uniform"]
     assert not by_rule["cosine"]["beats_kind_matched"]
     table = result_files.markdown_table(summary)
-    assert "0.200 [0.100, 0.300]" in table and "| ediem | 25% | 30 | 0.500 |" in table
+    assert "0.200 [0.100, 0.300]" in table and "| ediem | 25% | 30 layers | 0.500 |" in table
 
 
 # --------------------------------------------------------------------------------------------------
