@@ -271,7 +271,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 kwargs.get("train_dataloader"), config.utility_examples, args.seed)
         if state.is_world_process_zero:
             plan, doubtful = config.plan()
-            (logger.warning if doubtful else logger.info)("%s", plan)
+            (console.warning if doubtful else console.info)("%s", plan)
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
         self._safety.begin(model, kwargs.get("processing_class"))  # every rank: the same forward passes
         if state.is_world_process_zero:

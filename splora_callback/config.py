@@ -238,28 +238,33 @@ class SPLoRAConfig:
         return self._rule
 
     def plan(self) -> tuple[str, bool]:
-        """What the callback will do with this config, in one sentence, and whether to warn about it:
-        acting by a geometric score (E-DIEM, cosine, signed), which the efficacy study found no
-        better than a random choice of the same module kinds (docs/efficacy.md)."""
-        how = self.rule.describe()
-        when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
-                                            ("at the end of training", self.prune_at_end)) if on) or "never"
-        scored = f"scores every {self.score_every_n_steps} steps" if self.score_every_n_steps else "scores at the end"
-        if self.probe_every_n_steps is not None and self.score_every_n_steps:
-            scored += (f", the probes' attributions every {self.probe_every_n_steps}" if self.probe_every_n_steps
-                       else ", the probes' attributions only where it acts")
-        enable = ("To repair, pass probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs): the default rule "
-                  "is then the measured component repair (select='repair', docs/efficacy.md).")
-        if self.action == "none" or when == "never":
-            anyway = (f" (action='prune' would prune {how} by {self.metric}; the efficacy study found that no better "
-                      "than a random choice of the same module kinds)") if self.metric != "probe" else ""
-            return f"SPLoRA monitors only ({scored}, metric {self.metric}; nothing is acted on{anyway}). {enable}", False
-        target = f"{self.granularity}s" if self.granularity == "component" else "LoRA layers"
-        text = f"SPLoRA will {self.action} {how} of the {target} by {self.metric} {when} ({scored})."
+        """What the callback will do, in one short line (shown at train start at the default log
+        level): what is monitored, what will act, and how to turn the repair on; and whether it is
+        a warning: acting by a geometric score, which the efficacy study found no better than a
+        random choice of layers of the same module kinds."""
         if self.metric == "probe":
-            return text, False
-        return (f"{text} The efficacy study found selection by {self.metric} no better than a random choice of "
-                f"the same module kinds. {enable}"), True
+            watched = "the refusal loss on the safety probe" + (" and E-DIEM" if self.base_model else "")
+        else:
+            watched = "E-DIEM and cosine per LoRA layer"
+        every = f"every {self.score_every_n_steps} steps" if self.score_every_n_steps else "at the end of training"
+        if self.probe_every_n_steps is not None and self.score_every_n_steps:
+            every += (f" (the probes' attributions every {self.probe_every_n_steps})" if self.probe_every_n_steps
+                      else " (the probes' attributions only where it acts)")
+        monitored = f"SPLoRA: monitoring {watched} {every}"
+        repair = "to repair, pass probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs)"
+        when = " and ".join(w for w, on in (("at checkpoints", self.prune_at_checkpoints),
+                                            ("at the end of training", self.prune_at_end)) if on)
+        if self.action == "none" or not when:
+            if self.metric == "probe":
+                return f"{monitored}; nothing is acted on (action='none').", False
+            return f"{monitored}; nothing is pruned ({repair}).", False
+        unit = "rank-one components" if self.granularity == "component" else "LoRA layers"
+        verb = {"prune": "prune", "project": "project"}.get(self.action, self.action)
+        act = f"{monitored}; {when}, {verb} {unit} by {self.metric}: {self.rule.describe()}"
+        if self.metric == "probe":
+            return f"{act}.", False
+        return (f"{act}. The efficacy study found selection by {self.metric} no better than a random choice of the "
+                f"same module kinds; {repair} (the measured component repair)."), True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the probe is summarised, not serialised)."""

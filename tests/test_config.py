@@ -52,7 +52,7 @@ def test_probe_schedule_is_checked_and_planned():
     with pytest.raises(ValueError, match=r"probe_every_n_steps=0: .* need base_model"):
         SPLoRAConfig(metric="probe", probe=probe, probe_every_n_steps=0)
     config = SPLoRAConfig(base_model="base", metric="probe", probe=probe, score_every_n_steps=10, probe_every_n_steps=0)
-    assert "scores every 10 steps, the probes' attributions only where it acts" in config.plan()[0]
+    assert "every 10 steps (the probes' attributions only where it acts)" in config.plan()[0]
     assert "the probes' attributions every 20" in SPLoRAConfig(
         base_model="base", metric="probe", probe=probe, score_every_n_steps=10, probe_every_n_steps=20).plan()[0]
 

@@ -52,7 +52,8 @@ def test_no_arguments_means_infer_the_base_and_safe_defaults():
     assert callback.config.base_model == AUTO and callback.config.select == "fraction"
     assert callback.config.action == "none" and callback.config.alignment_placement == "stream"  # monitor only
     plan, doubtful = callback.config.plan()
-    assert plan.startswith("SPLoRA monitors only") and "probe=SafetyProbe" in plan and not doubtful
+    assert plan.startswith("SPLoRA: monitoring E-DIEM and cosine") and "nothing is pruned" in plan
+    assert "probe=SafetyProbe" in plan and not doubtful
     probe_only = SPLoRACallback(metric="probe", probe=object())
     assert probe_only.config.base_model is None  # the probe needs no geometry
     repair = SPLoRACallback(probe=object())  # a probe alone: the study's default rule, E-DIEM still scored

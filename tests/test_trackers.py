@@ -79,6 +79,8 @@ def test_tensorboard_gets_the_same_series_in_the_trainers_run_folder(pair, datas
     assert {"splora/summary/ediem_max", "splora/summary/scoring_seconds", "splora/kind/v_proj/ediem_mean",
             "splora/probe/model.layers.0.self_attn.q_proj"} <= scalars
     assert events.Tags()["images"] == ["splora/ediem_heatmap"]
+    after = load_report(tmp_path / "out")["safety"]["after_action"]["refusal_loss"]  # the measured effect
+    assert series("splora/safety/refusal_loss_after_action") == [(12, pytest.approx(after, rel=1e-6))]
     (text,) = events.Tensors("splora/headline/text_summary")
     assert b"Refusal loss on the safety probe" in text.tensor_proto.string_val[0]
     layout = layout_pb2.Layout()
@@ -107,8 +109,15 @@ def test_wandb_groups_per_layer_series_by_kind_and_leads_with_the_safety_signal(
     assert [row["splora/safety/refusal_loss"] for row in rows] == pytest.approx(
         [entry["scores"]["losses"]["refusal"] for entry in callback.history])
     keys = set().union(*(set(row) for row in rows))
-    assert not any(key.startswith(("splora/ediem/", "splora/probe/")) for key in keys)  # no panel per layer
-    assert len({key for key in keys if key.startswith("splora/")}) < 40  # a handful of panels, whatever the size
+    per_layer = {key for key in keys if key.startswith(("splora/ediem/model.", "splora/probe/model."))}
+    assert len(per_layer) == 2 * LAYERS  # every layer at every scoring step (up to WANDB_LAYER_SERIES layers)
+    first = {item["name"]: item["ediem"] for item in callback.history[0]["scores"]["layers"]}
+    assert {name: rows[0][f"splora/ediem/{name}"] for name in first} == pytest.approx(first)
+    assert len({key for key in keys - per_layer if key.startswith("splora/")}) < 40  # a handful of other panels
+    # the SPLoRA settings are in the run's config, next to the Trainer's
+    config = {key: value.get("value", value) if isinstance(value, dict) else value for key, value in logged.config.items()}
+    assert config["splora/select"] == "top_k" and config["splora/k"] == 3, config
+    assert config["splora/base_model"] == str(pair[0])
     for field in ("ediem", "probe"):
         lines = [logged_table(run_dir, logged.summary, f"splora/{field}/{kind}_table")["data"] for kind in KINDS]
         assert sum(len(data) for data in lines) == LAYERS * 3  # every layer at every scoring step
@@ -136,7 +145,8 @@ def test_other_backends_get_one_warning_naming_them(tmp_path, caplog):
 def test_console_line_at_the_end_says_what_was_pruned_and_where(pair, dataset, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     trainer, callback = train(pair, dataset, tmp_path / "out", [])
-    (line,) = [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]
+    plan, line = [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]  # train start, train end
+    assert plan.startswith("SPLoRA: monitoring") and "at the end of training, prune LoRA layers" in plan
     pruned = callback.action_report["layers"]
     kinds = sorted({name.rsplit(".", 1)[-1] for name in pruned})
     assert line.startswith(f"SPLoRA: pruned 3 of {LAYERS} LoRA layers (") and all(k in line for k in kinds)
