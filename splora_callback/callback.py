@@ -277,6 +277,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             self._trackers = Trackers.open(args, sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
                                            since=self._created)
+            self._trackers.log_config(_config_args(config))  # W&B run config: splora/<field>
         self._lora_device = layers[0][1].lora_A[adapter].weight.device  # scoring runs where LoRA weights live
         self._aligned_model = config.aligned_model or aligned_name_or_path(model, config.adapter_name)
         if config.base_model is None:  # metric="probe" without geometry

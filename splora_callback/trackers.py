@@ -1,9 +1,10 @@
 """Where SPLoRA's series go, as ``TrainingArguments.report_to`` says: W&B, TensorBoard, the console.
 
 - **W&B** (``"wandb"``): into the run ``WandbCallback`` opened (``wandb.run``), on the Trainer's
-  ``train/global_step``, never a second run (HF_NOTES). Per scoring call: the safety signal
-  (``splora/safety/*``), the summary and per-kind means: a few panels, not one per layer (a 7B
-  q/k/v/o adapter would make ~128). Per-layer series go in one chart per module kind at the end
+  ``train/global_step``, never a second run (HF_NOTES); the SPLoRA settings in the run's config
+  (``splora/<field>``). Per scoring call: the safety signal (``splora/safety/*``), the summary,
+  per-kind means and per-layer E-DIEM / probe scalars for at most :data:`WANDB_LAYER_SERIES` layers
+  (a 7B q/k/v/o adapter has 128). All layers go in one chart per module kind at the end
   (``splora/ediem/<kind>``, ``wandb.plot.line_series``) and in the tables.
 - **TensorBoard** (``"tensorboard"``): a ``SummaryWriter`` of our own in the Trainer's TensorBoard
   folder (``logging_dir``; TensorBoard reads several event files in one folder), the same scalars,
@@ -38,8 +39,10 @@ LIBRARY_LOGGER = "splora_callback"
 CONSOLE_LOGGER = "splora_callback.console"
 SERIES_BACKENDS = ("wandb", "tensorboard")
 NO_SERIES_EXPECTED = ("codecarbon",)  # measures emissions; not a dashboard
-# keys of one layer's series in a step payload: go to TensorBoard, not to W&B (one panel each)
+# keys of one layer's series in a step payload: all to TensorBoard; to W&B for at most WANDB_LAYER_SERIES
+# layers (one panel each: a 7B q/k/v/o adapter has 128 layers; the end-of-training charts have them all)
 PER_LAYER = re.compile(r"^splora/(ediem|probe)/")
+WANDB_LAYER_SERIES = 32
 
 
 # --- the console ----------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ def custom_scalar_layout(kinds: list[str]) -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: the safety signal first, then one chart per module kind."""
     return {
         "SPLoRA safety signal": {
-            "refusal loss vs aligned model": ["Multiline", [r"^splora/safety/refusal_loss(_aligned)?$"]],
+            "refusal loss vs aligned model": ["Multiline", [r"^splora/safety/refusal_loss(_aligned|_after_action)?$"]],
             "refusal rate vs aligned model": ["Multiline", [r"^splora/safety/refusal_rate(_aligned)?$"]],
         },
         "SPLoRA E-DIEM per layer": {
@@ -265,6 +268,9 @@ class TensorBoardSeries:
         from PIL import Image
 
         step = report["step"]
+        for key, value in safety_summary(report)["after_action"].items():  # the measured effect of the action
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"splora/safety/{key}_after_action", value, step)
         text = headline(report) + ("\n\n" + verdict(report) if verdict(report) else "")
         self.writer.add_text("splora/headline", text, step)
         if report["history"]:
@@ -286,6 +292,32 @@ class Trackers:
     def __init__(self, wandb: Any | None, tensorboard: TensorBoardSeries | None):
         self.wandb = wandb
         self.tensorboard = tensorboard
+        self._wandb_layers: set[str] | None = None  # the layers with a W&B series, fixed at the first call
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        """The SPLoRA settings in the W&B run's config, under ``splora/`` (next to the Trainer's)."""
+        if self.wandb is not None:
+            import json
+
+            settings = json.loads(json.dumps(config, default=str))  # a rule object or a path: its text
+            self.wandb.run.config.update({f"splora/{key}": value for key, value in settings.items()},
+                                         allow_val_change=True)
+
+    def _wandb_layer_keys(self, payload: dict[str, Any]) -> set[str]:
+        """Per-layer keys of ``payload`` that go to W&B: every layer up to :data:`WANDB_LAYER_SERIES`,
+        else that many with the highest E-DIEM at the first scoring call (the same layers thereafter)."""
+        keys = [key for key in payload if PER_LAYER.match(key)]
+        if self._wandb_layers is None and keys:
+            names = sorted({key.split("/", 2)[2] for key in keys})
+            if len(names) > WANDB_LAYER_SERIES:
+                ediem = {key.split("/", 2)[2]: value for key, value in payload.items()
+                         if key.startswith("splora/ediem/") and isinstance(value, (int, float))}
+                names = sorted(names, key=lambda name: -ediem.get(name, float("-inf")))[:WANDB_LAYER_SERIES]
+                logger.info("SPLoRA: per-layer W&B series for the %d layers with the highest E-DIEM at step %s of %d; "
+                            "every layer is in the end-of-training charts and in TensorBoard.",
+                            WANDB_LAYER_SERIES, payload.get("train/global_step"), len(set(k.split("/", 2)[2] for k in keys)))
+            self._wandb_layers = set(names)
+        return {key for key in keys if key.split("/", 2)[2] in (self._wandb_layers or set())}
 
     @classmethod
     def open(cls, args: Any, kinds: list[str], since: float | None = None) -> Trackers:
@@ -311,7 +343,9 @@ class Trackers:
         if self.tensorboard is not None:
             self.tensorboard.log(payload, step)
         if self.wandb is not None:  # no step=: the Trainer owns W&B's step; charts use train/global_step
-            self.wandb.run.log({key: value for key, value in payload.items() if not PER_LAYER.match(key)})
+            layers = self._wandb_layer_keys(payload)
+            self.wandb.run.log({key: value for key, value in payload.items()
+                                if not PER_LAYER.match(key) or key in layers})
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """Scalars outside a scoring call (the refusal rate on its own schedule)."""

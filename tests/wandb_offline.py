@@ -29,6 +29,7 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     alerts: list[dict[str, str]] = field(default_factory=list)
     runs: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def read_records(path: str | Path) -> list[bytes]:
@@ -100,6 +101,11 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
             )
         elif kind == "run":
             run.runs += 1
+            for item in record.run.config.update:
+                run.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[_key(item)] = json.loads(item.value_json)
     return run
 
 
