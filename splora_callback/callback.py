@@ -525,7 +525,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             if not probes:
                 entry["probes"] = False
             context = SelectionContext(model=model, probe=self.config.probe, aligned_refusal_loss=aligned_loss,
-                                       adapter_name=self.config.adapter_name, acts=measured)
+                                       adapter_name=self.config.adapter_name, acts=measured,
+                                       progress=state.is_world_process_zero and not args.disable_tqdm)
             selected = self.config.rule.select(scores, context)
             entry.update(context.notes)
             if self.config.rule.needs_model:

@@ -212,7 +212,7 @@ def _selection(args: argparse.Namespace, scored: Scored, rule: Any = None):
     rule = rule or selection_rule(args)
     if rule is None:
         return []
-    context = SelectionContext(model=scored.model, probe=scored.probe, acts=True)
+    context = SelectionContext(model=scored.model, probe=scored.probe, acts=True, progress=sys.stderr.isatty())
     if rule.needs_model:
         context.aligned_refusal_loss = aligned_refusal_loss(scored.probe, scored.model)
     chosen = rule.select(scored.scores, context)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .components import component_basis, kept_factors
 from .layers import get_lora_layer, resolve_adapter_name
@@ -158,6 +159,7 @@ def measured_stop(
     adapter_name: str | None = None,
     granularity: str = "component",
     start_loss: float | None = None,
+    progress: bool = False,
 ) -> tuple[Selection, RepairTrace]:
     """The shortest prefix of ``order`` that brings the probe's refusal loss to ``target``, measured.
 
@@ -173,6 +175,8 @@ def measured_stop(
         granularity: of the returned selection (``"component"``: ``{layer: [indices]}``).
         start_loss: the refusal loss with nothing removed when it is already known (the scores'
             ``losses["refusal"]``, the same probe on the same weights): one pass fewer.
+        progress: a tqdm bar of the forward passes done / planned (the bisection's ``log2``
+            count; a budget adds its own), for the minute or more a real model takes.
 
     Returns:
         The selection and a :class:`RepairTrace`. Refusal loss is assumed to fall as the prefix
@@ -187,12 +191,17 @@ def measured_stop(
         raise ValueError(f"measured_stop: budget={budget!r} needs a UtilityProbe and a finite value >= 0.")
     order = list(order)
     cache: dict[tuple[str, int], float] = {}
+    planned = (start_loss is None) + math.ceil(math.log2(len(order) + 1)) + (2 if budget is not None else 0)
+    bar = tqdm(total=planned, desc="SPLoRA measured stop", unit="pass", disable=not progress, leave=False)
 
     def measure(kind: str, count: int) -> float:
         if (kind, count) not in cache:
             with masked_units(model, order[:count], adapter_name):
                 cache[(kind, count)] = probe_loss(probe if kind == "refusal" else utility, model)
             trace.measurements.append({"probe": kind, "count": count, "loss": cache[(kind, count)]})
+            bar.total = max(bar.total, bar.n + 1)
+            bar.update()
+            bar.set_postfix(units=count, loss=f"{cache[(kind, count)]:.4f}", target=f"{target:.4f}")
         return cache[(kind, count)]
 
     task_limit = None
@@ -213,6 +222,7 @@ def measured_stop(
         chosen = _first_reaching(lambda k: measure("task", k) > task_limit, 0, chosen) - 1
         reason = "task budget"
     trace.chosen, trace.reason = chosen, reason
+    bar.close()
     return as_selection(order[:chosen], granularity), trace
 
 
@@ -224,6 +234,7 @@ def repair_selection(
     aligned_loss: float,
     restore: float,
     adapter_name: str | None = None,
+    progress: bool = False,
 ) -> tuple[Selection, RepairTrace]:
     """``select="repair"``: units of ``scores`` (both probes', at their granularity) in
     :func:`~splora_callback.selection.budget_order`, the shortest prefix whose measured refusal loss
@@ -237,7 +248,7 @@ def repair_selection(
         raise ValueError("select='repair' needs the safety probe's refusal loss: score with probe=SafetyProbe(...).")
     target = restore_target(current, aligned_loss, restore)
     return measured_stop(model, budget_order(scores), probe, target, adapter_name=adapter_name,
-                         granularity=scores.granularity, start_loss=current)
+                         granularity=scores.granularity, start_loss=current, progress=progress)
 
 
 def predicted_repair(scores: LayerScores, aligned_loss: float, restore: float) -> Selection:

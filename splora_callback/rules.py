@@ -56,6 +56,7 @@ class SelectionContext:
         adapter_name: the adapter being scored.
         acts: True where the selection is acted on (end of training, acted checkpoints); a
             measuring rule may use a cheaper stand-in elsewhere.
+        progress: show a progress bar of long work (the main process, tqdm not disabled).
         notes: what the rule wants kept in the history entry and the report (e.g. the measured
             stop's trace under ``"repair_trace"``).
     """
@@ -65,6 +66,7 @@ class SelectionContext:
     aligned_refusal_loss: float | None = None
     adapter_name: str | None = None
     acts: bool = True
+    progress: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -236,7 +238,7 @@ class Repair(Rule):
         if not context.acts or context.model is None:  # the first-order stand-in: no forward pass
             return predicted_repair(scores, context.aligned_refusal_loss, self.restore)
         selected, trace = repair_selection(context.model, scores, context.probe, context.aligned_refusal_loss,
-                                           self.restore, context.adapter_name)
+                                           self.restore, context.adapter_name, progress=context.progress)
         context.notes["repair_trace"] = trace.to_dict()
         return selected
 

@@ -203,3 +203,18 @@ def test_probes_only_where_the_callback_acts_changes_nothing_but_the_cost(pair, 
     report = json.loads((tmp_path / "at_end" / "splora_report.json").read_text())
     assert [entry["scores"]["losses"]["refusal"] > 0 for entry in report["history"]] == [True] * 3  # the signal
     assert write_html_report(tmp_path / "at_end").is_file()
+
+
+def test_the_measured_stop_shows_its_passes_done_and_planned(capsys):
+    """#28 item 7: the end-of-training repair can take minutes on a real model: a tqdm bar counts
+    the forward passes (done / planned by the bisection), and leaves the console when done."""
+    model = llama_model(seed=3, r=4)
+    probe = random_probe(seed=1)
+    scores = score_layers(model, None, metric="probe", probe=probe, utility=task_probe(seed=2), granularity="component")
+    order = budget_order(scores)
+    _, trace = measured_stop(model, order, probe, target=-1.0, progress=True)  # unreachable: the whole bisection
+    err = capsys.readouterr().err
+    assert "SPLoRA measured stop" in err and "pass" in err
+    assert f"{trace.passes}/" in err  # passes done / planned, as the bar last drew them
+    _, quiet = measured_stop(model, order, probe, target=-1.0)
+    assert "SPLoRA measured stop" not in capsys.readouterr().err and quiet.chosen == trace.chosen
