@@ -305,3 +305,17 @@ def test_results_count_the_unit_acted_on_and_a_rule_with_its_own_stop_has_no_fra
     assert results.selected_words({"l0.q_proj": [0, 1]}, {"granularity": "component"}) == \
         "2 rank-one components of 1 layer"
     assert results.selected_words(["l0.q_proj"], {"granularity": "layer"}) == "1 layer"
+
+
+def test_the_wheel_and_sdist_declare_the_license_file():
+    """pyproject declares LICENSE as a license file (setuptools puts it in the wheel's
+    dist-info/licenses/ and in the sdist; checked with `python -m build` and a clean venv, where
+    `splora --help` runs with no dependency installed) and the license as an SPDX expression."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["project"]["license-files"] == ["LICENSE"] and (root / "LICENSE").is_file()
+    assert "Apache License" in (root / "LICENSE").read_text()[:200]
+    assert any(req.startswith("setuptools>=77") for req in project["build-system"]["requires"])  # license-files
