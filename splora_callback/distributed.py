@@ -10,7 +10,8 @@ DeepSpeed, launched by ``torchrun`` or ``accelerate launch``):
   identical :class:`LayerScores` and makes the same selection;
 - sharded parameters (FSDP v1 flat params, FSDP v2 DTensors, DeepSpeed ZeRO-3) are gathered one
   module at a time (``sharding.gathered``, ``sharding.lora_updates_gathered``) and never left gathered;
-- only the main process writes (:func:`on_main`); sharded models are never pruned in place
+- only the main process writes (:func:`on_main`); rank, world and the object collectives are
+  Accelerate's (``processes.py``); sharded models are never pruned in place
   (``sharding.warn_if_sharded``): the acted adapter is written instead (:func:`save_acted_adapter_distributed`).
 
 Every function that gathers is collective: all ranks must call it, in the same order.
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
@@ -41,6 +41,7 @@ from .layer_names import model_input_paths
 from .layers import PEFT_PREFIX, resolve_adapter_name
 from .metrics import ediem_shape_peers, frobenius_norm, safe_lora_projection, spectral_norm
 from .probe import SafetyProbe, UtilityProbe
+from .processes import all_gather_object, broadcast_object, is_main_process, rank, world_size
 from .pruning import (
     ActionReport,
     PreparedAction,
@@ -81,47 +82,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# --- processes ------------------------------------------------------------------------------------
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    """Global rank 0 (the Trainer's ``state.is_world_process_zero``); True in one process."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_gather_object(obj: T) -> list[T]:
-    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
-    if not is_distributed():
-        return [obj]
-    gathered_objects: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered_objects, obj)
-    return gathered_objects
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """``obj`` of rank ``src`` on every rank (picklable; move tensors to CPU first)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+# --- the split over ranks -------------------------------------------------------------------------
 
 
 def rank_slice(
@@ -130,7 +91,9 @@ def rank_slice(
     """The layers rank ``rank_`` owns: round-robin over the names sorted by size (largest first), then name.
 
     Dealing each size class out in turn keeps the ranks' work (and V's memory) within one module of
-    each shape of each other, whatever the mix of module kinds (GQA k/v are 4x smaller than q/o).
+    each shape of each other, whatever the mix of module kinds (GQA k/v are 4x smaller than q/o);
+    Accelerate's ``split_between_processes`` deals contiguous blocks, which would give one rank all
+    the large modules.
     """
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from . import processes
 from .data import (
     IGNORE_INDEX,
     REFUSAL_TEMPLATES,
@@ -212,8 +213,8 @@ class ProbeSet:
         """
         module = unwrap_parallel(model)  # DDP / DeepSpeed engine off; an FSDP root stays (it gathers)
         layers = lora_down_projections(module, adapter_name)
-        rank, world = _rank_and_world()
-        rows = slice(rank, None, world)
+        world = processes.world_size()
+        rows = slice(processes.rank(), None, world)  # strided rows, as before (split_between_processes: blocks)
         # the same number of passes on every rank: a sharded model gathers inside each one
         passes = math.ceil(math.ceil(len(self) / world) / self.batch_size) if world > 1 else None
         with preserved_state(module):
@@ -349,12 +350,6 @@ def _render_plain(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: 
     return examples
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_reduce(part: SliceAttribution, device: torch.device) -> SliceAttribution:
     """Sum the per-layer shares, r x r interactions, loss and token count over ranks: one float64
     all-reduce of (layers + sum r^2 + 2,) numbers.
@@ -364,9 +359,7 @@ def _all_reduce(part: SliceAttribution, device: torch.device) -> SliceAttributio
     on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     flat = [matrix.reshape(-1) for matrix in part.interactions]
     scalars = torch.tensor([part.loss, part.tokens], dtype=torch.float64)
-    packed = torch.cat([part.sums, *flat, scalars]).to(on)
-    torch.distributed.all_reduce(packed)
-    packed = packed.cpu()
+    packed = processes.all_reduce_sum(torch.cat([part.sums, *flat, scalars]).to(on)).cpu()
     layers = part.sums.numel()
     sums, rest = packed[:layers], packed[layers:]
     interactions = []

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -30,6 +29,7 @@ from .layers import (
     iter_lora_layers,
     resolve_adapter_name,
 )
+from .processes import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def warn_if_sharded(model: nn.Module, action: str = "prune") -> bool:
     engine = sharding_engine(model)
     if engine == "none":
         return False
-    if action != "none" and engine not in _warned and (not dist.is_initialized() or dist.get_rank() == 0):
+    if action != "none" and engine not in _warned and is_main_process():
         _warned.add(engine)
         logger.warning(
             "SPLoRA: the model is sharded (%s). %r is not applied to the live model (it would corrupt "

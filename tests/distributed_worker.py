@@ -27,17 +27,14 @@ from splora_callback import AlignmentSubspace, select_layers  # noqa: E402
 from splora_callback._io import atomic_write_text  # noqa: E402
 from splora_callback.distributed import (  # noqa: E402
     alignment_for_rank,
-    all_gather_object,
     apply_action_distributed,
-    is_main_process,
     layer_slice,
     on_main,
-    rank,
     save_acted_adapter_distributed,
     score_layers_distributed,
-    world_size,
 )
 from splora_callback.layers import lora_updates_from_model  # noqa: E402
+from splora_callback.processes import all_gather_object, is_main_process, rank, world_size  # noqa: E402
 from splora_callback.sharding import (  # noqa: E402
     gathered,
     lora_layers,

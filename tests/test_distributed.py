@@ -24,12 +24,19 @@ from splora_callback import AlignmentSubspace, NoLoraLayersError, score_layers
 from splora_callback.distributed import (
     alignment_for_rank,
     apply_action_distributed,
-    is_main_process,
     layer_slice,
     on_main,
     rank_slice,
     save_acted_adapter_distributed,
     score_layers_distributed,
+)
+from splora_callback.processes import (
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    is_main_process,
+    process_state,
+    rank,
     world_size,
 )
 from splora_callback.pruning import save_acted_adapter
@@ -159,6 +166,14 @@ def test_single_process_helpers(data, reference):
     with pytest.raises(ZeroDivisionError):
         on_main(lambda: 1 / 0)
     assert alignment_for_rank(data / "base", model, progress=False).names == reference["alignment"].names
+
+
+def test_one_process_collectives_are_identities():
+    """Without a process group Accelerate is not consulted (its PartialState would start one under torchrun)."""
+    tensor = torch.ones(3, dtype=torch.float64)
+    assert process_state() is None and rank() == 0 and world_size() == 1 and is_main_process()
+    assert all_gather_object({"a": 1}) == [{"a": 1}] and broadcast_object(4) == 4
+    assert all_reduce_sum(tensor) is tensor
 
 
 def test_rank_slice_balances_shapes():
