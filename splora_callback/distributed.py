@@ -101,6 +101,14 @@ def rank_slice(
     return sorted(names, key=lambda name: (-sizes.get(name, 0), name))[rank_::world]
 
 
+def single_replica(model: nn.Module) -> bool:
+    """One process and an unsharded model: the entry points below are then their single-process
+    functions, called as they are (module order, the cache file as named, the whole-model scores),
+    so a one-process run gives exactly the library's numbers; the collectives need no branch
+    (``processes.py``)."""
+    return world_size() == 1 and sharding_engine(model) == "none"
+
+
 def layer_slice(layers: Sequence[tuple[str, LoraLayer]]) -> list[str]:
     """This rank's share of ``lora_layers(model)[1]`` (sized by ``out_features * in_features``)."""
     sizes = {name: int(layer.out_features) * int(layer.in_features) for name, layer in layers}
@@ -191,7 +199,7 @@ def alignment_for_rank(
         unless ``aligned`` is given).
     """
     engine = sharding_engine(model)
-    if world_size() == 1 and engine == "none":
+    if single_replica(model):
         return AlignmentSubspace.from_pretrained(
             base, model=model, aligned=aligned, adapter_name=adapter_name, cache_file=cache_file,
             dtype=dtype, device=device, revision=revision, progress=progress,
@@ -288,8 +296,7 @@ def score_layers_distributed(
     and seeded by name, so it does not depend on the split). Every rank returns identical scores.
     Collective. In one process without sharding: exactly ``score_layers``.
     """
-    engine = sharding_engine(model)
-    if world_size() == 1 and engine == "none":
+    if single_replica(model):
         return score_layers(model, alignment, metric, null=null, permutations=permutations, seed=seed,
                             adapter_name=adapter_name, probe=probe, utility=utility, granularity=granularity)
     if metric not in SUSPICION:
@@ -372,7 +379,7 @@ def prepare_action_distributed(
         ValueError: the model is sharded (see :func:`warn_if_sharded`; write the acted adapter
             with :func:`save_acted_adapter_distributed` instead).
     """
-    if world_size() == 1 and sharding_engine(model) == "none":
+    if single_replica(model):
         return prepare_action(model, alignment, chosen, action, adapter_name)
     if action != "none" and warn_if_sharded(model, action if isinstance(action, str) else "custom"):
         raise ValueError(
@@ -449,7 +456,7 @@ def save_acted_adapter_distributed(
     ``C B`` come from each layer's owner, and the main process writes the adapter (atomically);
     an error there is raised on every rank.
     """
-    if world_size() == 1 and sharding_engine(model) == "none":
+    if single_replica(model):
         save_acted_adapter(model, output_dir, chosen, action, alignment, adapter_name, overwrite=overwrite)
         return
     adapter = lora_layers(model, adapter_name)[0]
