@@ -156,7 +156,7 @@ def run_evaluation(
         from splora_callback.safety import aligned_refusal_loss
 
         measured = (callback_report.get("safety") or {}).get("aligned_refusal_loss")
-        same_probe = callback_report.get("config", {}).get("probe") == repr(probe)
+        same_probe = (callback_report.get("runtime") or {}).get("probe") == repr(probe)
         # the callback measured it at train start with this probe on the same aligned weights
         context["target"] = measured if same_probe and measured is not None else aligned_refusal_loss(probe, template)
     if "one_shot_patch" in spec.rules:

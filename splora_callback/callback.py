@@ -47,7 +47,6 @@ from .distributed import (
 from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import calling_trainer, facts_from_report, keep_card_through, write_model_card
-from .probe import UtilityProbe
 from .pruning import PreparedAction
 from .repair import RepairTrace
 from .resume import CHECKPOINT_SUBDIR, checkpoint_copies, config_changes, drop_loaded_copies, passed_callback, remember_passed
@@ -55,6 +54,7 @@ from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
 from .safety import SafetyChecks, probe_loss
 from .scoring import LayerScores
 from .rules import SelectionContext
+from .runtime import SPLoRARuntime, default_utility_probe
 from .selection import predicted_change, removed_ranks
 from .repair_hint import repair_command
 from .sharding import lora_layers, warn_if_sharded
@@ -62,33 +62,6 @@ from .trackers import CONSOLE_LOGGER, Trackers, configure_logging, final_line
 
 logger = logging.get_logger(__name__)
 console = logging.get_logger(CONSOLE_LOGGER)
-
-def _config_args(config: SPLoRAConfig) -> dict[str, Any]:
-    """The JSON-able constructor arguments of ``config`` (everything but the probes)."""
-    return {key: value for key, value in config.to_dict().items() if key not in ("probe", "utility")}
-
-
-def default_utility_probe(train_dataloader: Any, examples: int, seed: int) -> tuple[UtilityProbe, str]:
-    """The callback's utility probe when the user gave none: a seeded sample of the training data,
-    collated by the Trainer's own collator (local RNG: the training order is not touched).
-
-    Pass ``SPLoRAConfig(utility=UtilityProbe.from_dataset(eval_dataset, collator))`` to use
-    held-out examples instead; training data that mixes in harmful compliance counts it as utility.
-
-    Raises:
-        ValueError: no map-style training dataset to sample from.
-    """
-    dataset = getattr(train_dataloader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__len__"):
-        raise ValueError(
-            "SPLoRACallback: select='budget' needs task examples and the training data cannot be sampled "
-            "(no map-style train_dataset); pass SPLoRAConfig(utility=UtilityProbe.from_pairs(...))."
-        )
-    probe = UtilityProbe.from_dataset(dataset, train_dataloader.collate_fn, examples, seed=seed)
-    source = f"train_dataset: {len(probe)} examples sampled with seed {seed}"
-    logger.info("SPLoRA utility probe: %s (pass SPLoRAConfig(utility=...) for held-out examples).", source)
-    return probe, source
-
 
 class SPLoRACallback(TrainerCallback, ExportableState):
     """Monitor LoRA layers' safety drift during training and act on the worst at the end.
@@ -132,11 +105,16 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if config is None:  # keywords: SPLoRACallback(base_model=..., select="top_k", k=10), or none at all
             geometry = kwargs.get("metric", "ediem") != "probe"  # metric="probe" alone needs no base model
             config = SPLoRAConfig(**{"base_model": AUTO if geometry else None, **kwargs})
-        elif kwargs:
+        elif set(kwargs) - {"probe", "utility"}:
             raise TypeError(
                 f"SPLoRACallback takes an SPLoRAConfig or its fields as keywords, not both (got config and "
-                f"{', '.join(sorted(kwargs))}); put them in the SPLoRAConfig."
+                f"{', '.join(sorted(set(kwargs) - {'probe', 'utility'}))}); put them in the SPLoRAConfig."
             )
+        elif kwargs:  # SPLoRACallback(config, probe=..., utility=...): the live objects beside the plain config
+            if not isinstance(config, SPLoRAConfig):
+                raise TypeError("SPLoRACallback(config, probe=..., utility=...) takes an SPLoRAConfig as config.")
+            runtime = SPLoRARuntime(kwargs.get("probe", config.probe), kwargs.get("utility", config.utility))
+            config = SPLoRAConfig(**config.to_dict(), probe=runtime.probe, utility=runtime.utility)
         if not isinstance(config, (SPLoRAConfig, dict)):
             raise TypeError(
                 f"SPLoRACallback takes an SPLoRAConfig, got {type(config).__name__} {config!r:.60}; write "
@@ -174,7 +152,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """JSON state saved in every checkpoint's ``trainer_state.json`` (``ExportableState``)."""
         return {
-            "args": {"config": _config_args(self.config), "_resumed": True},
+            "args": {"config": self.config.to_dict(), "_resumed": True},
             "attributes": {"history": self.history, "alerted": self.alerted, "checkpoints": self.checkpoints,
                            "safety_state": self._safety.state()},
         }
@@ -269,7 +247,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if config.rule.needs_utility and self._utility is None:
             self._utility, self.utility_source = default_utility_probe(
                 kwargs.get("train_dataloader"), config.utility_examples, args.seed)
-        if state.is_world_process_zero:
+        if state.is_world_process_zero:  # on the console at the default level, as the end-of-training line
             plan, doubtful = config.plan()
             (console.warning if doubtful else console.info)("%s", plan)
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
@@ -277,7 +255,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             self._trackers = Trackers.open(args, sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
                                            since=self._created)
-            self._trackers.log_config(_config_args(config))  # W&B run config: splora/<field>
+            self._trackers.log_config(config.to_dict())  # W&B run config: splora/<field>
         self._lora_device = layers[0][1].lora_A[adapter].weight.device  # scoring runs where LoRA weights live
         self._aligned_model = config.aligned_model or aligned_name_or_path(model, config.adapter_name)
         if config.base_model is None:  # metric="probe" without geometry
@@ -456,7 +434,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         saved_config = (saved.get("args") or {}).get("config")
         if not isinstance(saved_config, dict) or not state.is_world_process_zero:
             return
-        changes = config_changes(saved_config, _config_args(self.config))
+        changes = config_changes(saved_config, self.config.to_dict())
         if changes:
             logger.warning("SPLoRA: resuming at step %d with a config that differs from the checkpoint's: %s. The new "
                            "config is used from here on; the history before this step was scored with the old one.",
@@ -609,6 +587,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             self.config.to_dict(), self.history, selected=selected, action=action, status=status,
             step=state.global_step, checkpoints=self.checkpoints, alignment=self._alignment_info,
         )
+        report["runtime"] = self.config.runtime.summary()  # the probes, summarised (not config data)
         if self.previous_actions:
             report["previous_actions"] = self.previous_actions
         if self._scores is not None and (self._scores.losses or self.config.granularity == "component"):

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
+from .runtime import SPLoRARuntime
 from .rules import PARAMETERS, FunctionRule, Rule, check_unused_parameters, infer_rule_name, resolve_rule
 
 METRICS = ("ediem", "cosine", "probe", "signed")
@@ -142,15 +143,11 @@ class SPLoRAConfig:
     permutation_seed: int = field(
         default=0, metadata={"help": "Seed of the permutation null (local RNG only)."}
     )
-    probe: Any = field(
-        default=None, metadata={"help": "SafetyProbe for metric='probe' (not serialised)."}, repr=False
-    )
-    utility: Any = field(
-        default=None,
-        metadata={"help": "UtilityProbe (task examples) for select='budget' (not serialised); default in the "
-                          "callback: a seeded slice of the training data."},
-        repr=False,
-    )
+    # Live objects, not config data: SPLoRAConfig(probe=..., utility=...) hands them to its
+    # ``runtime`` (:class:`~splora_callback.runtime.SPLoRARuntime`); they are never serialised
+    # (``to_dict`` is plain data) and argument parsers never see them. Read them as config.probe.
+    probe: InitVar[Any] = None  # SafetyProbe: metric='probe', the refusal-loss signal, the repair
+    utility: InitVar[Any] = None  # UtilityProbe (task examples); default in the callback: training data
     utility_examples: int = field(
         default=32, metadata={"help": "Examples of the utility probe the callback builds when utility is None."}
     )
@@ -163,7 +160,8 @@ class SPLoRAConfig:
     # an InitVar, so argument parsers never see it. Removed in 0.3.
     seed: InitVar[int | None] = None
 
-    def __post_init__(self, seed: int | None = None) -> None:
+    def __post_init__(self, probe: Any = None, utility: Any = None, seed: int | None = None) -> None:
+        self._runtime = SPLoRARuntime(probe, utility)
         if seed is not None:
             warnings.warn(
                 "SPLoRAConfig(seed=...) is deprecated: use permutation_seed= (seed clashes with "
@@ -266,12 +264,15 @@ class SPLoRAConfig:
         return (f"{act}. The efficacy study found selection by {self.metric} no better than a random choice of the "
                 f"same module kinds; {repair} (the measured component repair)."), True
 
+    @property
+    def runtime(self) -> SPLoRARuntime:
+        """The live objects given with this config (the probes): what ``to_dict`` leaves out."""
+        return self._runtime
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (the probe is summarised, not serialised)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("probe", "utility")}
-        data["probe"] = None if self.probe is None else repr(self.probe)
-        data["utility"] = None if self.utility is None else repr(self.utility)
-        return data
+        """The config as plain JSON-able data: ``SPLoRAConfig(**config.to_dict(), probe=config.probe,
+        utility=config.utility) == config`` (the probes are :attr:`runtime` objects, not data)."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
 
 
 class ConfigTypeError(TypeError, ValueError):
@@ -395,3 +396,8 @@ def _check_safety(config: SPLoRAConfig) -> None:
         if config.refusal_loss_alert is None and config.refusal_rate_alert is None:
             raise ValueError("SPLoRAConfig.early_stopping_patience needs a safety alert to count: set "
                              "refusal_loss_alert (with a probe) or refusal_rate_alert (with refusal_prompts).")
+
+
+# the probes given to SPLoRAConfig(...) live in its runtime; read-only views keep config.probe working
+SPLoRAConfig.probe = property(lambda self: self._runtime.probe, doc="The SafetyProbe (``runtime.probe``).")
+SPLoRAConfig.utility = property(lambda self: self._runtime.utility, doc="The UtilityProbe (``runtime.utility``).")
