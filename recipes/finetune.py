@@ -168,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         trained = train(config, base, aligned, data, probe)
         print(
             f"{trained['examples']} training examples ({trained['dropped']} dropped as too long); "
-            f"callback selected {len(trained['callback'].selected)} layers, action {trained['callback'].config.action}"
+            f"callback selected {result_files.selected_words(trained['callback'].selected, trained['callback'].config.to_dict())}, "
+            f"action {trained['callback'].config.action}"
         )
     if not trained["is_main"]:
         return None
