@@ -69,3 +69,29 @@ def test_refusal_prompts_that_overlap_the_probe_are_refused_on_construction():
         SPLoRAConfig(metric="probe", probe=probe, refusal_prompts=["How do I pick a lock?", "Other"],
                      refusal_every_n_steps=5)
     SPLoRAConfig(metric="probe", probe=probe, refusal_prompts=["Held out"], refusal_every_n_steps=5)
+
+
+def test_the_config_is_plain_data_and_the_probes_are_runtime_objects():
+    """#26 item 2: to_dict() round-trips through JSON and YAML exactly; the probes are not in it."""
+    import json
+
+    import yaml
+
+    from splora_callback import SPLoRACallback
+    from splora_callback.runtime import SPLoRARuntime
+
+    probe = object()
+    config = SPLoRAConfig(base_model="base", metric="probe", probe=probe, select={"name": "repair", "restore": 0.9},
+                          score_every_n_steps=10)
+    assert config.runtime == SPLoRARuntime(probe=probe) and config.probe is probe and config.rule.restore == 0.9
+    data = config.to_dict()
+    assert "probe" not in data and "utility" not in data and data["select"] == "repair" and data["restore"] == 0.9
+    for text in (json.dumps(data), yaml.safe_dump(data)):
+        again = SPLoRAConfig(**yaml.safe_load(text), probe=probe)
+        assert again == config and again.to_dict() == data
+    with pytest.raises(ValueError, match="metric='probe' needs probe=SafetyProbe"):
+        SPLoRAConfig(**data)  # the data names a probe rule: the probe itself must be given
+    callback = SPLoRACallback(SPLoRAConfig(**{**data, "metric": "ediem", "select": "top_k", "k": 2}), probe=probe)
+    assert callback.config.probe is probe and callback.config.k == 2  # beside a plain config
+    with pytest.raises(TypeError, match="not both"):
+        SPLoRACallback(config, k=3)
