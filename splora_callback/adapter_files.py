@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft.utils.other import get_pattern_key
@@ -84,7 +86,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise InvalidAdapterError(f"{path}: field {key!r} must be an object (pattern -> number), got {config[key]!r}.")
-    from .pruning import check_adapter_patterns  # pruning imports this module
 
     try:  # a regex PEFT cannot compile: the adapter cannot be loaded, nor a pruned copy of it
         check_adapter_patterns(config, [], components=False)
@@ -200,3 +201,51 @@ def saved_layer_names(state_dict: Mapping[str, object]) -> list[str]:
     """Module names of the LoRA layers in a saved adapter's state dict."""
     suffix = ".lora_A.weight"
     return [key[: -len(suffix)].removeprefix(PEFT_PREFIX) for key in state_dict if key.endswith(suffix)]
+
+
+def with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: str, rank: int, alpha: float) -> tuple[dict, dict]:
+    """``rank_pattern`` / ``alpha_pattern`` with an exact-name entry for module ``name``.
+
+    PEFT matches pattern keys as regular expressions and takes the first match in key order, and
+    writes ``adapter_config.json`` with sorted keys: the key ``(?:<escaped name>)`` sorts before
+    names and the usual patterns. Checked: if another key would still win, refuse.
+
+    Raises:
+        ValueError: a pattern of the adapter's config would shadow the entry when PEFT reloads it.
+    """
+    key = f"(?:{re.escape(name)})"
+    ranks = {**(rank_pattern or {}), key: rank}
+    alphas = {**(alpha_pattern or {}), key: alpha}
+    for pattern, label in ((ranks, "rank_pattern"), (alphas, "alpha_pattern")):
+        winner = get_pattern_key(sorted(pattern), name)
+        if winner != key:
+            raise ValueError(
+                f"{name}: the adapter config's {label} key {winner!r} would override the pruned module's "
+                f"rank on reload (PEFT takes the first matching key in sorted order); rename that pattern "
+                "so it sorts after '(?:' or prune whole layers instead."
+            )
+    return ranks, alphas
+
+
+def check_adapter_patterns(peft_config: Any, names: Sequence[str], components: bool) -> None:
+    """What an action on ``names`` will need of the adapter config, checked before any work: its
+    regular expressions (``exclude_modules`` as a string, ``rank_pattern`` / ``alpha_pattern``
+    keys) compile, and, when rank-one ``components`` are pruned, no pattern key would shadow the
+    exact-name entry a pruned module gets (:func:`with_pattern`).
+
+    Raises:
+        ValueError: names the field, the key or regex, and the fix.
+    """
+    get = peft_config.get if isinstance(peft_config, Mapping) else lambda key: getattr(peft_config, key, None)
+    exclude = get("exclude_modules")
+    patterns = [("exclude_modules", exclude)] if isinstance(exclude, str) else []
+    patterns += [(field_name, key) for field_name in ("rank_pattern", "alpha_pattern") for key in get(field_name) or {}]
+    for field_name, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"adapter config {field_name} {pattern!r} is not a valid regular expression ({error}); "
+                             "PEFT could not load an adapter written with it. Fix the pattern in the LoraConfig.") from error
+    if components:
+        for name in names:
+            with_pattern(get("rank_pattern"), get("alpha_pattern"), name, 1, 1.0)

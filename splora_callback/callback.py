@@ -16,7 +16,6 @@ selection breaks ties by name); only the world-zero process logs and writes file
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any

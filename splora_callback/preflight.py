@@ -18,7 +18,7 @@ from torch import nn
 from ._io import OutputNotWritableError, check_output_path, check_writable
 from .layer_names import NothingLeftError, check_not_everything, model_input_paths
 from .model_card import CARD, UNPARSED_CARD, card_problem
-from .pruning import check_adapter_patterns
+from .adapter_files import check_adapter_patterns
 
 logger = logging.getLogger(__name__)
 

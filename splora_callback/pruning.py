@@ -16,15 +16,14 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from torch import nn
 
 from ._io import atomic_directory, check_output_path
-from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_scaling, saved_layer_names
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_scaling, saved_layer_names, with_pattern
 from .alignment import AlignmentSubspace
 from .components import ComponentBasis, component_basis, kept_alpha, kept_factors
 from .layer_names import check_layer_names, check_not_everything, checked_layer_names, model_input_paths
@@ -160,7 +159,7 @@ def prepare_prune_components(
             continue
         rank, rslora = len(keep.indices), bool(layer.use_rslora.get(adapter, config.use_rslora))
         alpha = kept_alpha(scaling, rank, rslora)
-        ranks, alphas = _with_pattern(ranks, alphas, name, rank, alpha)  # a shadowing pattern raises here
+        ranks, alphas = with_pattern(ranks, alphas, name, rank, alpha)  # a shadowing pattern raises here
         new_down, new_up = kept_factors(keep.basis, keep.indices, scaling)
         report.parameters_removed += down.weight.numel() + up.weight.numel() - new_down.numel() - new_up.numel()
         prepared.edits.add(
@@ -222,54 +221,6 @@ def _linear_like(module: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     new.weight.copy_(weight)
     new.weight.requires_grad_(module.weight.requires_grad)
     return new
-
-
-def _with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: str, rank: int, alpha: float) -> tuple[dict, dict]:
-    """``rank_pattern`` / ``alpha_pattern`` with an exact-name entry for module ``name``.
-
-    PEFT matches pattern keys as regular expressions and takes the first match in key order, and
-    writes ``adapter_config.json`` with sorted keys: the key ``(?:<escaped name>)`` sorts before
-    names and the usual patterns. Checked: if another key would still win, refuse.
-
-    Raises:
-        ValueError: a pattern of the adapter's config would shadow the entry when PEFT reloads it.
-    """
-    key = f"(?:{re.escape(name)})"
-    ranks = {**(rank_pattern or {}), key: rank}
-    alphas = {**(alpha_pattern or {}), key: alpha}
-    for pattern, label in ((ranks, "rank_pattern"), (alphas, "alpha_pattern")):
-        winner = get_pattern_key(sorted(pattern), name)
-        if winner != key:
-            raise ValueError(
-                f"{name}: the adapter config's {label} key {winner!r} would override the pruned module's "
-                f"rank on reload (PEFT takes the first matching key in sorted order); rename that pattern "
-                "so it sorts after '(?:' or prune whole layers instead."
-            )
-    return ranks, alphas
-
-
-def check_adapter_patterns(peft_config: Any, names: Sequence[str], components: bool) -> None:
-    """What an action on ``names`` will need of the adapter config, checked before any work: its
-    regular expressions (``exclude_modules`` as a string, ``rank_pattern`` / ``alpha_pattern``
-    keys) compile, and, when rank-one ``components`` are pruned, no pattern key would shadow the
-    exact-name entry a pruned module gets (:func:`_with_pattern`).
-
-    Raises:
-        ValueError: names the field, the key or regex, and the fix.
-    """
-    get = peft_config.get if isinstance(peft_config, Mapping) else lambda key: getattr(peft_config, key, None)
-    exclude = get("exclude_modules")
-    patterns = [("exclude_modules", exclude)] if isinstance(exclude, str) else []
-    patterns += [(field_name, key) for field_name in ("rank_pattern", "alpha_pattern") for key in get(field_name) or {}]
-    for field_name, pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"adapter config {field_name} {pattern!r} is not a valid regular expression ({error}); "
-                             "PEFT could not load an adapter written with it. Fix the pattern in the LoraConfig.") from error
-    if components:
-        for name in names:
-            _with_pattern(get("rank_pattern"), get("alpha_pattern"), name, 1, 1.0)
 
 
 @torch.no_grad()
@@ -413,7 +364,7 @@ def acted_adapter(
         tensors[key_a], tensors[key_b] = new_down.to(tensors[key_a].dtype), new_up.to(tensors[key_b].dtype)
         rank = len(keep.indices)
         alpha = kept_alpha(scaling, rank, bool(config.get("use_rslora")))
-        config["rank_pattern"], config["alpha_pattern"] = _with_pattern(
+        config["rank_pattern"], config["alpha_pattern"] = with_pattern(
             config.get("rank_pattern"), config.get("alpha_pattern"), name, rank, alpha)
     if emptied:
         tensors = acted_state_dict(tensors, emptied, "prune")
