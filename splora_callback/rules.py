@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .repair import predicted_repair, repair_selection
 from .scoring import LayerScores
 from .selection import Selection, select_layers
 
@@ -233,8 +234,6 @@ class Repair(Rule):
                              "undo, in (0, 1] (e.g. 0.8).")
 
     def select(self, scores: LayerScores, context: SelectionContext) -> Selection:
-        from .repair import predicted_repair, repair_selection
-
         if not context.acts or context.model is None:  # the first-order stand-in: no forward pass
             return predicted_repair(scores, context.aligned_refusal_loss, self.restore)
         selected, trace = repair_selection(context.model, scores, context.probe, context.aligned_refusal_loss,
