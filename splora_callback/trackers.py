@@ -95,6 +95,12 @@ class ClearProgressBars(std_logging.Handler):
                 bar.clear()
 
 
+# why the measured repair removed nothing (repair.RepairTrace.reason), in words
+STOP_REASONS = {"refusal restored": "the refusal loss is already within the repair's target, nothing to undo",
+                "task budget": "any removal would cost more task loss than the budget allows",
+                "order exhausted": "no removal brought the refusal loss to the target"}
+
+
 def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
     """The one console line at the end: what was acted on (counted in its unit: rank-one components
     or layers), the safety signal against the aligned model, the layers that drifted most when
@@ -112,7 +118,7 @@ def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
     elif action.get("refused"):
         done = f"nothing changed: {action['refused']}"
     elif acted is None:
-        reason = (report.get("repair") or {}).get("measured_stop", {}).get("reason")
+        reason = STOP_REASONS.get((report.get("repair") or {}).get("measured_stop", {}).get("reason"))
         done = ("monitor only, nothing changed" if action.get("action") == "none"
                 else f"nothing changed (the {select} rule chose nothing" + (f": {reason})" if reason else ")"))
     else:

@@ -319,3 +319,22 @@ def test_the_wheel_and_sdist_declare_the_license_file():
     assert project["project"]["license-files"] == ["LICENSE"] and (root / "LICENSE").is_file()
     assert "Apache License" in (root / "LICENSE").read_text()[:200]
     assert any(req.startswith("setuptools>=77") for req in project["build-system"]["requires"])  # license-files
+
+
+def test_the_end_line_says_why_a_repair_changed_nothing_and_counts_components_when_it_did():
+    from splora_callback.trackers import final_line
+
+    layers = [{"name": f"model.layers.{i}.self_attn.v_proj", "kind": "v_proj", "ediem": float(i)} for i in range(4)]
+    report = {"action": {"action": "prune", "layers": []}, "config": {"metric": "probe", "select": "repair"},
+              "repair": {"measured_stop": {"reason": "refusal restored"}},
+              "history": [{"step": 2, "scores": {"layers": layers, "losses": {"refusal": 1.088}}}],
+              "safety": {"aligned_refusal_loss": 1.092}}
+    line = final_line(report, Path("out/splora_report.html"), "as trained")
+    assert line.startswith("SPLoRA: nothing changed (the repair rule chose nothing: the refusal loss is already "
+                           "within the repair's target, nothing to undo); refusal loss 1.088 (aligned 1.092)")
+    assert "most drift from alignment (E-DIEM): 3.self_attn.v_proj +3.00" in line
+    report["action"] = {"action": "prune", "layers": [layers[0]["name"], layers[1]["name"]],
+                        "components": {layers[0]["name"]: [0, 2], layers[1]["name"]: [1]}}
+    line = final_line(report, None, "x")
+    assert line.startswith("SPLoRA: removed 3 rank-one components from 2 of 4 LoRA layers (v_proj 2) by probe repair")
+    assert "most drift" not in line
