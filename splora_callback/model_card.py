@@ -65,6 +65,7 @@ class CardFacts:
     report: str | None = None
     made_by: str = "splora-callback"
     notes: list[str] = field(default_factory=list)
+    why_unchanged: str | None = None  # the rule's reason for choosing nothing, in words
 
 
 def rule_text(config: dict[str, Any]) -> str:
@@ -80,7 +81,7 @@ def rule_text(config: dict[str, Any]) -> str:
 
 def facts_from_report(report: dict[str, Any], report_link: str | None) -> CardFacts:
     """The card of a training run's report (the callback's end of training, or a checkpoint)."""
-    from .headline import safety_summary
+    from .headline import STOP_REASONS, safety_summary
 
     config = report.get("config", {})
     action = report.get("action") or {}
@@ -106,6 +107,7 @@ def facts_from_report(report: dict[str, Any], report_link: str | None) -> CardFa
         acted=acted, total_layers=len(layers), parameters_removed=action.get("parameters_removed"),
         components=action.get("components"), predicted=predicted or None, measured=measured,
         report=report_link, made_by=f"SPLoRACallback, step {report.get('step')} ({report.get('status')})",
+        why_unchanged=STOP_REASONS.get(((report.get("repair") or {}).get("measured_stop") or {}).get("reason")),
     )
 
 
@@ -129,7 +131,8 @@ def card_block(facts: CardFacts) -> str:
     elif facts.action in ("none", "not applied"):
         what = f"`{facts.action}`: nothing changed (monitoring only)"
     else:
-        what = f"`{facts.action}`: nothing changed (the selection rule chose nothing)"
+        what = f"`{facts.action}`: nothing changed (the selection rule chose nothing" + (
+            f": {facts.why_unchanged})" if facts.why_unchanged else ")")
     rows = [("Aligned model (this adapter applies to it)", f"`{facts.aligned}`" if facts.aligned else "-"),
             ("Unaligned base (alignment subspace V = W_aligned - W_base)", f"`{facts.base}`" if facts.base else "-"),
             ("Selection rule", facts.rule), ("Action", what)]

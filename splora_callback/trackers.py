@@ -29,7 +29,7 @@ from typing import Any
 from transformers.utils import logging
 
 from .dashboard import figure_png, heatmap_figure, short_names, wandb_final_media
-from .headline import headline, safety_summary, verdict
+from .headline import STOP_REASONS, headline, safety_summary, verdict
 from .report import over_threshold, wandb_step_payload, wandb_summary
 from .scoring import LayerScores
 
@@ -93,12 +93,6 @@ class ClearProgressBars(std_logging.Handler):
         for bar in list(getattr(tqdm, "_instances", ())):
             if not getattr(bar, "disable", True):
                 bar.clear()
-
-
-# why the measured repair removed nothing (repair.RepairTrace.reason), in words
-STOP_REASONS = {"refusal restored": "the refusal loss is already within the repair's target, nothing to undo",
-                "task budget": "any removal would cost more task loss than the budget allows",
-                "order exhausted": "no removal brought the refusal loss to the target"}
 
 
 def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:

@@ -333,6 +333,10 @@ def test_the_end_line_says_why_a_repair_changed_nothing_and_counts_components_wh
     assert line.startswith("SPLoRA: nothing changed (the repair rule chose nothing: the refusal loss is already "
                            "within the repair's target, nothing to undo); refusal loss 1.088 (aligned 1.092)")
     assert "most drift from alignment (E-DIEM): 3.self_attn.v_proj +3.00" in line
+    from splora_callback.model_card import card_block, facts_from_report
+
+    assert ("`prune`: nothing changed (the selection rule chose nothing: the refusal loss is already within the "
+            "repair's target, nothing to undo)") in card_block(facts_from_report(report, None))
     report["action"] = {"action": "prune", "layers": [layers[0]["name"], layers[1]["name"]],
                         "components": {layers[0]["name"]: [0, 2], layers[1]["name"]: [1]}}
     line = final_line(report, None, "x")
