@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import preflight
+from .acting import end_action, repair_command, write_acted_copy
 from .alignment import AlignmentMismatchError, AlignmentSubspace
 from ._io import remove_stale_temporaries
 from .base_models import AUTO, aligned_name_or_path, infer_base_model
@@ -39,8 +40,6 @@ from .distributed import (
     alignment_for_rank,
     alignment_info,
     broadcast_object,
-    prepare_action_distributed,
-    save_acted_adapter_distributed,
     score_layers_distributed,
 )
 from .layers import resolve_adapter_name
@@ -54,8 +53,7 @@ from .safety import SafetyChecks, probe_loss
 from .scoring import LayerScores
 from .rules import SelectionContext
 from .runtime import SPLoRARuntime, default_utility_probe
-from .selection import predicted_change, removed_ranks
-from .repair_hint import repair_command
+from .selection import predicted_change
 from .sharding import lora_layers, warn_if_sharded
 from .trackers import CONSOLE_LOGGER, Trackers, configure_logging, final_line
 
@@ -354,24 +352,10 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         self.selected = copy.deepcopy(entry["selected"])
         if not config.prune_at_end:
             return None
-        if entry.get("non_finite"):  # named in _score; a selection by NaN is no selection
+        prepared, self.action_report = end_action(config, model, self._alignment, self.selected, entry, args.output_dir)
+        if entry.get("non_finite"):
             self.selected = []
-            self.action_report = {"action": "none", "layers": [], "skipped": (
-                f"non-finite scores ({', '.join(entry['non_finite'][:3])}): nothing acted on")}
-            return None
-        refused = preflight.refusal_to_prune_everything(config, self.selected, entry["scores"])
-        if refused:  # every layer selected: the model stays as trained, the report says why
-            self.action_report = refused
-            return None
-        if warn_if_sharded(model, config.action):
-            # FSDP / ZeRO-3: the live flat parameters are not edited; the acted adapter is written aside
-            target = Path(args.output_dir) / CHECKPOINT_SUBDIR
-            save_acted_adapter_distributed(model, target, self.selected, config.action, self._alignment,
-                                           config.adapter_name, overwrite=True)
-            self.action_report = {"action": config.action, "layers": list(self.selected),
-                                  "applied_to": str(target), "live_model": "unchanged (sharded)"}
-            return None
-        return prepare_action_distributed(model, self._alignment, self.selected, config.action, config.adapter_name)
+        return prepared
 
     def _action_failed(self, args: TrainingArguments, state: TrainerState, model: nn.Module, failure: str) -> None:
         """Log a failed end of training with what was kept and how to repair afterwards; record it
@@ -557,27 +541,16 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         if not broadcast_object(folder.is_dir() if state.is_world_process_zero else None):
             logger.warning("SPLoRA: checkpoint folder %s not found; no acted adapter written.", folder)
             return
-        target, action = folder / CHECKPOINT_SUBDIR, self.config.action
-        if chosen is None:  # non-finite scores (named in _score): no acted copy
+        target = folder / CHECKPOINT_SUBDIR
+        acted = write_acted_copy(self.config, model, self._alignment, chosen, scores, target,
+                                 state.is_world_process_zero)
+        if acted is None:
             return
-        if preflight.refusal_to_prune_everything(self.config, chosen, scores) is not None:
-            return  # every layer selected: no acted copy (it could not be loaded); logged
-        if action != "none":  # collective: adapter tensors are gathered to the main process, which writes
-            save_acted_adapter_distributed(model, target, chosen, action, self._alignment,
-                                           self.config.adapter_name, overwrite=True)
-        if not state.is_world_process_zero:
-            return
-        removed = 0
-        if action == "prune":  # (m + n) LoRA parameters per removed rank-one component or rank
-            removed = sum(count * sum(scores[name].shape) for name, count in removed_ranks(scores, chosen).items())
-        acted = {"action": action, "layers": chosen, "parameters_removed": removed,
-                 "adapter_name": resolve_adapter_name(model, self.config.adapter_name),
-                 "applied_to": "checkpoint copy"}
         self.checkpoints.append({"step": state.global_step, "path": str(target.relative_to(args.output_dir)),
                                  "layers": chosen})
         report = self._report("checkpoint", state, chosen, acted)
         write_json_report(target, report)
-        if action != "none":  # the acted copy gets its card (`splora report` makes the HTML from the JSON)
+        if acted["action"] != "none":  # the acted copy gets its card (`splora report` makes the HTML from the JSON)
             write_model_card(target, facts_from_report(report, REPORT_JSON))
 
     def _report(self, status: str, state: TrainerState, selected: list[str],

@@ -336,7 +336,7 @@ def test_13_resume_with_base_model_auto_and_a_probe(pair, dataset, tmp_path):
 
 STAGES = {  # a stage of on_train_end -> what is patched to raise there
     "scoring": "splora_callback.callback.SPLoRACallback.compute_scores",
-    "measured stop": "splora_callback.repair.repair_selection",
+    "measured stop": "splora_callback.rules.repair_selection",
     "building the action": "splora_callback.pruning._linear_like",
     "swap": "splora_callback.pruning.set_item",  # the fourth change of the swap raises; the first three undone
     "measured effect": "splora_callback.safety.SafetyChecks.after_action",
