@@ -342,3 +342,19 @@ def test_the_end_line_says_why_a_repair_changed_nothing_and_counts_components_wh
     line = final_line(report, None, "x")
     assert line.startswith("SPLoRA: removed 3 rank-one components from 2 of 4 LoRA layers (v_proj 2) by probe repair")
     assert "most drift" not in line
+
+
+def test_the_repair_command_a_failed_action_logs_uses_only_splora_prune_flags():
+    import shlex
+
+    from splora_callback import SPLoRAConfig
+    from splora_callback.acting import repair_command
+
+    prune = command_flags()["prune"]
+    for config in (SPLoRAConfig(base_model="b", select="top_k", k=3, action="prune"),
+                   SPLoRAConfig(base_model="b", select="fraction", fraction=0.25, action="project"),
+                   SPLoRAConfig(base_model="b", probe=object()),  # the default measured repair
+                   SPLoRAConfig(base_model="b", probe=object(), select="budget", budget=0.05)):
+        command = repair_command(config, "out", "org/chat")
+        flags = [part for part in shlex.split(command) if part.startswith("--")]
+        assert flags and set(flags) <= prune, (command, set(flags) - prune)
