@@ -23,7 +23,6 @@ from .selection import removed_ranks
 from .sharding import warn_if_sharded
 
 
-
 def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, entry: dict[str, Any],
                output_dir: str) -> tuple[PreparedAction | None, dict[str, Any] | None]:
     """The action on ``selected`` (the final history ``entry``'s selection), built aside: nothing

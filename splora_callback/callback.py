@@ -28,33 +28,36 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import preflight
+from ._io import remove_stale_temporaries
 from .acting import end_action, repair_command, write_acted_copy
 from .alignment import AlignmentMismatchError, AlignmentSubspace
-from ._io import remove_stale_temporaries
 from .base_models import AUTO, aligned_name_or_path, infer_base_model
 from .checkpoint import CheckpointError
 from .config import SPLoRAConfig
 from .dashboard import write_html_report
-from .distributed import (
-    all_gather_object,
-    alignment_for_rank,
-    alignment_info,
-    broadcast_object,
-    score_layers_distributed,
-)
+from .distributed import alignment_for_rank, alignment_info, score_layers_distributed
 from .layers import resolve_adapter_name
 from .memory import device_account, place_alignment, placement_info, storage_device
 from .model_card import calling_trainer, facts_from_report, keep_card_through, write_model_card
+from .processes import all_gather_object, broadcast_object
 from .pruning import PreparedAction
 from .repair import RepairTrace
-from .resume import CHECKPOINT_SUBDIR, checkpoint_copies, config_changes, drop_loaded_copies, passed_callback, remember_passed
 from .report import REPORT_HTML, REPORT_JSON, build_report, write_json_report
-from .safety import SafetyChecks, probe_loss
-from .scoring import LayerScores
+from .resume import (
+    CHECKPOINT_SUBDIR,
+    checkpoint_copies,
+    config_changes,
+    drop_loaded_copies,
+    passed_callback,
+    remember_passed,
+)
 from .rules import SelectionContext
 from .runtime import SPLoRARuntime, default_utility_probe
+from .safety import SafetyChecks
+from .scoring import LayerScores
 from .selection import predicted_change
 from .sharding import lora_layers, warn_if_sharded
+from .teacher_forced import probe_loss
 from .trackers import CONSOLE_LOGGER, Trackers, configure_logging, final_line
 
 logger = logging.get_logger(__name__)

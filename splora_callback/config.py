@@ -10,8 +10,8 @@ import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
-from .runtime import SPLoRARuntime
 from .rules import PARAMETERS, FunctionRule, Rule, check_unused_parameters, infer_rule_name, resolve_rule
+from .runtime import SPLoRARuntime
 
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
@@ -61,7 +61,7 @@ class SPLoRAConfig:
     )
     granularity: Literal["layer", "component"] | None = field(
         default=None,
-        metadata={"help": "Act on whole LoRA layers, or on the rank-one components of their updates (spec 3c). "
+        metadata={"help": "Act on whole LoRA layers, or on the rank-one components of their updates (B A split by its SVD). "
                           "Default: component for select='repair', else layer."},
     )
     budget: float | None = field(
@@ -83,7 +83,7 @@ class SPLoRAConfig:
     )
     action: Literal["prune", "project", "none"] | None = field(
         default=None,
-        metadata={"help": "prune (SPLoRA), project (Safe LoRA) or none (monitor only). Default (docs/efficacy.md): "
+        metadata={"help": "prune (SPLoRA), project (Safe LoRA) or none (monitor only). Default (the project's efficacy study): "
                           "prune with a safety probe (metric='probe'); without one, none: selection by E-DIEM or "
                           "cosine was no better than a random choice of the same module kinds, so it is not "
                           "acted on unless action='prune' is passed."},
@@ -184,7 +184,8 @@ class SPLoRAConfig:
         _check_choice("alignment_placement", self.alignment_placement, PLACEMENTS)
         _check_safety(self)
         if self.permutations < 16:
-            raise ValueError(f"SPLoRAConfig.permutations={self.permutations!r}: must be >= 16 (spec 3).")
+            raise ValueError(f"SPLoRAConfig.permutations={self.permutations!r}: must be >= 16 (fewer make the "
+                             "permutation null too coarse for a robust z-score).")
         if not isinstance(self.score_every_n_steps, int) or self.score_every_n_steps < 0:
             raise ValueError(
                 f"SPLoRAConfig.score_every_n_steps={self.score_every_n_steps!r}: must be an integer >= 0 "

@@ -16,9 +16,9 @@ from typing import Any
 from torch import nn
 
 from ._io import OutputNotWritableError, check_output_path, check_writable
+from .adapter_files import check_adapter_patterns
 from .layer_names import NothingLeftError, check_not_everything, model_input_paths
 from .model_card import CARD, UNPARSED_CARD, card_problem
-from .adapter_files import check_adapter_patterns
 
 logger = logging.getLogger(__name__)
 

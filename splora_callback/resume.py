@@ -24,7 +24,6 @@ from typing import Any
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-
 from .report import REPORT_JSON
 
 CHECKPOINT_SUBDIR = "splora"

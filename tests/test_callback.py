@@ -88,8 +88,12 @@ def test_wandb_offline_run_holds_series_on_trainer_steps(pair, dataset, tmp_path
 
     rows = [row for row in logged.history if "splora/summary/ediem_max" in row]
     assert [row["train/global_step"] for row in rows] == [4, 8, 12] == [h["step"] for h in callback.history]
-    # per-layer series: one line chart per module kind at the end (not one W&B panel per layer)
-    assert not any(key.startswith("splora/ediem/") for row in rows for key in row)
+    # per-layer scalars at every scoring step (8 layers, within trackers.WANDB_LAYER_SERIES), and one line
+    # chart per module kind at the end
+    for row, entry in zip(rows, callback.history, strict=True):
+        logged_layers = {key.removeprefix("splora/ediem/"): value for key, value in row.items()
+                         if key.startswith("splora/ediem/") and not key.endswith("_table")}
+        assert logged_layers == pytest.approx({item["name"]: item["ediem"] for item in entry["scores"]["layers"]})
     lines = {}
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
         table = logged_table(run_dir, logged.summary, f"splora/ediem/{kind}_table")
