@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from _common import header, load_text, markdown_table, median, spread, wait_for_load, write_section  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from splora_callback import probe as probe_module  # noqa: E402
+from splora_callback import teacher_forced as probe_module  # noqa: E402  (the probe pass asks it for sliced logits)
 from splora_callback.probe import SafetyProbe, harmbench_probe  # noqa: E402
 
 TARGET_STEPS = 2.0

@@ -324,7 +324,7 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
         batch_size=spec["batch_size"],
         progress=False,
         benign_prompts=data.get("benign_prompts") if _measures_over_refusal(variant, spec) else None,
-        max_new_tokens_benign=spec["benign_max_new_tokens"],
+        max_new_tokens_benign=spec.get("benign_max_new_tokens"),
     )
 
 
@@ -334,8 +334,8 @@ def _measures_over_refusal(variant: Variant, spec: dict[str, Any]) -> bool:
     ``evaluation.over_refusal_controls`` (``random``: the uniform ones; none when unset): the
     benign prompts are almost half of a model's evaluation time."""
     if variant.control is not None:
-        return variant.rule in (spec["over_refusal_controls"] or ())
-    wanted = spec["over_refusal"]
+        return variant.rule in (spec.get("over_refusal_controls") or ())
+    wanted = spec.get("over_refusal")
     return wanted is None or variant.rule in wanted
 
 
@@ -450,7 +450,7 @@ def evaluate_variants(
         store(variant)
         report(variant, *outcome)
 
-    workers = min(int(spec["workers"]), max(len(head), len(rest)))
+    workers = min(int(spec.get("workers", 1)), max(len(head), len(rest)))
     if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
         print(f"evaluation.workers={workers} needs the 'fork' start method (Linux): evaluating in this process")
         workers = 1
