@@ -1,0 +1,217 @@
+"""Learned component gates (splora_callback/gates.py): folding equals the dense SVD reference
+(float64, computed here), the gated forward equals the folded model, and learning keeps the gates in
+[0, 1], lowers its objective and leaves the model bitwise as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from test_probe import random_probe, randomize_lora
+from tiny import add_lora, tiny_gpt2, tiny_llama
+
+from splora_callback.gates import GateResult, fold_gates, gated_forward, learn_gates
+from splora_callback.layers import iter_lora_layers
+from splora_callback.probe import UtilityProbe
+from splora_callback.teacher_forced import probe_loss
+
+
+def _llama(seed: int = 0, r: int = 4, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    model = add_lora(tiny_llama(seed), r=r, alpha=2 * r, targets=list(targets))
+    randomize_lora(model, seed + 100, 0.1, 0.05)
+    return model.eval()
+
+
+def _gpt2(seed: int = 0, r: int = 4):
+    model = add_lora(tiny_gpt2(seed), r=r, alpha=2 * r, targets=["c_attn", "c_proj"], fan_in_fan_out=True)
+    randomize_lora(model, seed + 100, 0.1, 0.05)
+    return model.eval()
+
+
+def _rank_deficient(seed: int = 0):
+    """r = 4 with lora_B's last column a copy of its first: rank 3, one component with sigma ~ 0."""
+    model = _llama(seed)
+    with torch.no_grad():
+        for _, layer in iter_lora_layers(model, "default"):
+            up = layer.lora_B["default"].weight
+            up[:, 3] = up[:, 0]
+    return model
+
+
+BUILDS = {
+    "llama-r4": lambda: _llama(1),
+    "llama-r40-k-over-32-rows": lambda: _llama(2, r=40, targets=("k_proj", "v_proj")),  # k = 32 < r
+    "llama-rank-deficient": lambda: _rank_deficient(3),
+    "gpt2-conv1d-fan_in_fan_out": lambda: _gpt2(4),
+}
+
+
+def _layers(model):
+    return dict(iter_lora_layers(model, "default"))
+
+
+def _delta64(layer) -> torch.Tensor:
+    """s B A (m, n) in float64, from the factors as they are."""
+    down = layer.lora_A["default"].weight.detach().double()
+    up = layer.lora_B["default"].weight.detach().double()
+    return float(layer.scaling["default"]) * up @ down
+
+
+def _dense_reference(delta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """sum_i g_i sigma_i u_i v_i^T from a dense float64 SVD of the (m, n) update."""
+    left, sigma, right_t = torch.linalg.svd(delta, full_matrices=False)
+    k = gate.numel()
+    return (left[:, :k] * (gate.double() * sigma[:k])) @ right_t[:k]
+
+
+def _random_gates(model, seed: int, kind: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    gates = {}
+    for name, layer in _layers(model).items():
+        down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        k = min(down.shape[0], down.shape[1], up.shape[0])
+        if kind == "ones":
+            gates[name] = torch.ones(k)
+        elif kind == "binary":
+            gate = (torch.rand(k, generator=generator) > 0.5).float()
+            gate[0] = 0.0  # at least one removed, one kept
+            gate[-1] = 1.0
+            gates[name] = gate
+        else:
+            gates[name] = torch.rand(k, generator=generator)
+    return gates
+
+
+@pytest.mark.parametrize("build", list(BUILDS.values()), ids=list(BUILDS))
+@pytest.mark.parametrize("kind", ["ones", "binary", "fractional"])
+def test_fold_equals_dense_svd_reference(build, kind):
+    model = build()
+    gates = _random_gates(model, 7, kind)
+    before = {name: _delta64(layer) for name, layer in _layers(model).items()}
+    ranks = {name: layer.lora_A["default"].weight.shape[0] for name, layer in _layers(model).items()}
+    scalings = {name: float(layer.scaling["default"]) for name, layer in _layers(model).items()}
+    fold_gates(model, gates)
+    for name, layer in _layers(model).items():
+        assert layer.lora_A["default"].weight.shape[0] == ranks[name]  # same rank, same scaling
+        assert float(layer.scaling["default"]) == scalings[name]
+        expected = before[name] if kind == "ones" else _dense_reference(before[name], gates[name])
+        error = float((_delta64(layer) - expected).abs().max())
+        assert error <= 1e-6, (name, error)
+        if kind == "fractional":  # the gates did something
+            assert float((_delta64(layer) - before[name]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("build", [BUILDS["llama-r4"], BUILDS["gpt2-conv1d-fan_in_fan_out"]], ids=["llama", "gpt2"])
+def test_threshold_rounds_gates_to_removed_and_kept(build):
+    model = build()
+    gates = _random_gates(model, 3, "fractional")
+    before = {name: _delta64(layer) for name, layer in _layers(model).items()}
+    fold_gates(model, gates, threshold=0.5)
+    for name, layer in _layers(model).items():
+        rounded = (gates[name] >= 0.5).float()
+        error = float((_delta64(layer) - _dense_reference(before[name], rounded)).abs().max())
+        assert error <= 1e-6, (name, error)
+
+
+def test_folded_adapter_reloads_to_the_same_logits(tmp_path):
+    model = _llama(5)
+    fold_gates(model, _random_gates(model, 1, "fractional"))
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_llama(5), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=ids).logits
+    assert float((folded - again).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("build", [BUILDS["llama-r4"], BUILDS["gpt2-conv1d-fan_in_fan_out"]], ids=["llama", "gpt2"])
+def test_gated_forward_equals_folded_model_and_restores_weights(build):
+    model = build()
+    probe = random_probe(seed=2, n=4)
+    gates = _random_gates(model, 5, "fractional")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with gated_forward(model, gates):
+        gated = probe_loss(probe, model)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    folded = copy.deepcopy(model)
+    fold_gates(folded, gates)
+    assert gated == pytest.approx(probe_loss(probe, folded), abs=1e-5)
+    assert gated != pytest.approx(probe_loss(probe, model), abs=1e-4)  # the gates changed the loss
+
+
+@pytest.mark.parametrize("build", [BUILDS["llama-r4"], BUILDS["gpt2-conv1d-fan_in_fan_out"]], ids=["llama", "gpt2"])
+def test_learn_gates_stays_in_box_lowers_objective_and_leaves_model(build):
+    model = build()
+    probe = random_probe(seed=1, n=5)
+    safety_like = random_probe(seed=4, n=5)
+    utility = UtilityProbe.from_tensors(safety_like.input_ids, safety_like.attention_mask, safety_like.labels,
+                                        batch_size=2)
+    anchor = random_probe(seed=9, n=4)
+    model.train()  # modes are restored too
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    weights = (1.0, 0.5, 0.25)
+    result = learn_gates(model, probe, utility=utility, anchor=anchor, steps=5, lr=0.1, weights=weights)
+    assert isinstance(result, GateResult) and len(result.losses) == 6
+    assert set(result.gates) == set(_layers(model))
+    for gate in result.gates.values():
+        assert gate.dtype == torch.float32 and gate.ndim == 1
+        assert float(gate.min()) >= 0.0 and float(gate.max()) <= 1.0
+    assert any(float(gate.min()) < 1.0 for gate in result.gates.values())
+    first, last = result.losses[0], result.losses[-1]
+    assert last["total"] < first["total"]
+    for record in result.losses:
+        total = sum(w * record[k] for w, k in zip(weights, ("refusal", "task", "anchor"), strict=True))
+        assert record["total"] == pytest.approx(total, rel=1e-12)
+    # bitwise unchanged: weights, flags, grads, modes, RNG
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+        assert parameter.requires_grad == flags[name] and parameter.grad is None, name
+    assert all(module.training for module in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # entry 0 is the model as trained; the last is the model with the returned gates folded in
+    assert first["refusal"] == pytest.approx(probe_loss(probe, model), abs=1e-5)
+    assert first["anchor"] == pytest.approx(probe_loss(anchor, model), abs=1e-5)
+    folded = copy.deepcopy(model)
+    fold_gates(folded, result.gates)
+    assert last["refusal"] == pytest.approx(probe_loss(probe, folded), abs=1e-5)
+    assert last["task"] == pytest.approx(probe_loss(utility, folded), abs=1e-5)
+
+
+def test_learn_gates_without_optional_probes_and_zero_steps():
+    model = _llama(6)
+    probe = random_probe(seed=3, n=4)
+    result = learn_gates(model, probe, steps=0)
+    assert len(result.losses) == 1 and result.losses[0]["task"] is None and result.losses[0]["anchor"] is None
+    assert result.losses[0]["total"] == pytest.approx(probe_loss(probe, model), abs=1e-5)
+    assert all(torch.equal(gate, torch.ones_like(gate)) for gate in result.gates.values())
+    only = learn_gates(model, probe, steps=2, weights=(1.0, 0.0, 0.0))
+    assert only.losses[-1]["total"] <= only.losses[0]["total"]
+    assert set(only.kept(0.0)) == set(only.gates)
+
+
+def test_bad_arguments_are_refused_before_anything_is_written():
+    model = _llama(7)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    gates = _random_gates(model, 0, "fractional")
+    name = next(iter(gates))
+    with pytest.raises(ValueError, match="components"):
+        fold_gates(model, {**gates, name: torch.ones(3)})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fold_gates(model, {**gates, name: torch.full((4,), 1.5)})
+    with pytest.raises(ValueError, match="threshold"):
+        fold_gates(model, gates, threshold=0.0)
+    with pytest.raises(KeyError):
+        fold_gates(model, {"model.nope": torch.ones(4)})
+    for parameter_name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[parameter_name]), parameter_name
+    probe = random_probe(seed=0, n=3)
+    for kwargs in ({"steps": -1}, {"lr": 0.0}, {"weights": (1.0, -1.0, 0.0)}):
+        with pytest.raises(ValueError):
+            learn_gates(model, probe, **kwargs)
