@@ -6,11 +6,17 @@ at less task cost, pruning has to beat that, not only random choices.
 ``steps`` is fixed once: with ``steps: null`` the patch runs ``max_steps`` and takes the first step
 at which the probe's refusal loss is at most the aligned model's (calibration, on replication 0
 of setting (a)); the efficacy driver then passes that number to every other run, frozen.
+
+Anchored patch (``anchors: n`` > 0): each batch also holds ``n`` benign anchor pairs, benign
+requests answered by the trained LoRA model itself (:func:`lora_anchor_pairs`), so the patch learns
+to refuse the probe's prompts without learning to refuse everything; ``anchors: 0`` is the plain
+patch, step for step the same as before the option existed.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,16 +24,72 @@ from recipe_sections import OneShotPatchSection
 from variants import lora_copy
 
 
-def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target: float, seed: int) -> tuple[Any, dict]:
+def lora_anchor_pairs(template: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                      batch_size: int = 8, seed: int = 0) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` for benign ``prompts``, answered greedily by ``template`` (the trained LoRA
+    model, untouched): the ``anchor_pairs`` of :func:`one_shot_patch`. Use prompts that are in no
+    evaluation set (not the over-refusal ``benign_prompts``, not the task's evaluation prompts)."""
+    from splora_callback.evaluation import generate
+
+    answers = generate(template, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       seed=seed, progress=False)
+    return [(prompt, answer.text) for prompt, answer in zip(prompts, answers, strict=True)]
+
+
+def _padded(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """(b, T) right-padded with ``value`` to (b, width)."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def _mixed_batch(probe: Any, rows: torch.Tensor, anchor: Any, anchor_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Probe rows then anchor rows, right-padded to one width (padding: mask 0, label -100)."""
+    from splora_callback.data import IGNORE_INDEX
+
+    width = max(probe.input_ids.shape[1], anchor.input_ids.shape[1])
+    parts = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {key: torch.cat([_padded(getattr(probe, key)[rows], width, pad),
+                            _padded(getattr(anchor, key)[anchor_rows], width, pad)])
+            for key, pad in parts.items()}
+
+
+def one_shot_patch(
+    template: Any, probe: Any, spec: OneShotPatchSection, target: float, seed: int, *,
+    anchor_pairs: Sequence[tuple[str, str]] | None = None, tokenizer: Any = None, anchor_max_length: int = 256,
+) -> tuple[Any, dict]:
     """The patched LoRA model and a record of the patch (steps, refusal loss after each step).
 
     AdamW at ``spec.lr``, batches of ``spec.batch_size`` probe pairs (a seeded reshuffle per
     epoch), gradient norm clipped at 1, LoRA dropout on (train mode). ``spec.steps``: a fixed
     number of steps; None: calibrate, i.e. run up to ``spec.max_steps`` and keep the first step
     whose refusal loss (eval mode) is at most ``target``, or all of them if none is.
+
+    Args:
+        anchor_pairs: with ``spec.anchors`` = n > 0, the benign anchor pairs ``(benign request,
+            the trained LoRA model's own answer)`` (:func:`lora_anchor_pairs`); each batch then adds
+            n of them (their own seeded reshuffle per epoch, so the probe rows drawn are those of
+            the plain patch) and the step's loss is the mean token loss over the responses of both.
+            Ignored with ``spec.anchors`` = 0 (the plain patch, unchanged).
+        tokenizer: tokenizes ``anchor_pairs`` (``ProbeSet.from_pairs``: the chat template, the
+            probe's own rendering); needed with anchors.
+        anchor_max_length: token cap of an anchor pair (the probe's ``max_length``).
+
+    The record gains ``anchors``, ``anchor_pairs`` and ``anchor_loss`` (before / after, nats, eval
+    mode) only with anchors: the plain patch's record is as before.
+
+    Raises:
+        ValueError: ``spec.anchors`` > 0 without ``anchor_pairs`` or ``tokenizer``.
     """
+    from splora_callback.probe import ProbeSet
     from splora_callback.teacher_forced import probe_loss
 
+    anchors = int(getattr(spec, "anchors", 0) or 0)
+    anchor = None
+    if anchors:
+        if not anchor_pairs or tokenizer is None:
+            raise ValueError(f"one_shot_patch: anchors={anchors} needs anchor_pairs (benign requests with the trained "
+                             "LoRA model's answers: lora_anchor_pairs) and the tokenizer.")
+        anchor = ProbeSet.from_pairs(tokenizer, list(anchor_pairs), max_length=int(anchor_max_length),
+                                     batch_size=probe.batch_size)
     fixed = spec.steps
     limit = int(fixed if fixed is not None else spec.max_steps)
     model, trainable = lora_copy(template)
@@ -36,7 +98,9 @@ def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target:
     optimizer = torch.optim.AdamW(trainable, lr=float(spec.lr), weight_decay=0.0)
     order_rng, order = random.Random(seed), []
     batch_size = int(spec.batch_size)
+    anchor_rng, anchor_order = random.Random(f"anchors-{seed}"), []
     losses = [probe_loss(probe, model)]
+    anchor_losses = [probe_loss(anchor, model)] if anchor is not None else []
     steps = limit
     torch.manual_seed(seed)
     for step in range(1, limit + 1):
@@ -46,9 +110,19 @@ def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target:
             order += fresh
         rows = torch.tensor(order[:batch_size])
         del order[:batch_size]
+        if anchor is None:
+            batch = {"input_ids": probe.input_ids[rows], "attention_mask": probe.attention_mask[rows],
+                     "labels": probe.labels[rows]}
+        else:
+            while len(anchor_order) < anchors:
+                fresh = list(range(len(anchor)))
+                anchor_rng.shuffle(fresh)
+                anchor_order += fresh
+            anchor_rows = torch.tensor(anchor_order[:anchors])
+            del anchor_order[:anchors]
+            batch = _mixed_batch(probe, rows, anchor, anchor_rows)
         model.train()
-        loss = model(input_ids=probe.input_ids[rows], attention_mask=probe.attention_mask[rows],
-                     labels=probe.labels[rows]).loss
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -75,4 +149,8 @@ def one_shot_patch(template: Any, probe: Any, spec: OneShotPatchSection, target:
         "batch_size": batch_size,
         "pairs": len(probe),
     }
+    if anchor is not None:
+        anchor_losses.append(probe_loss(anchor, model))
+        record.update(anchors=anchors, anchor_pairs=len(anchor),
+                      anchor_loss={"before": anchor_losses[0], "after": anchor_losses[-1]})
     return model, record

@@ -36,16 +36,25 @@ def section(cls: type, default: Any = dataclasses.MISSING) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class OneShotPatchSection:
-    """``evaluation.one_shot_patch`` (one_shot_patch.py): AdamW steps on the probe's refusal pairs."""
+    """``evaluation.one_shot_patch`` (one_shot_patch.py): AdamW steps on the probe's refusal pairs.
+
+    ``anchors``: benign anchor pairs (benign requests with the LoRA model's own answers, passed by
+    the caller as ``anchor_pairs``) mixed into each batch besides ``batch_size`` probe pairs, so the
+    patch keeps answering benign requests; 0 (default): refusal pairs only, as before.
+    """
 
     lr: float
     batch_size: int
     steps: int | None = None  # None: calibrate, up to max_steps
     max_steps: int | None = None
+    anchors: int = 0
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_steps is None:
             raise ValueError("config: evaluation.one_shot_patch needs steps (fixed) or max_steps (steps: null calibrates)")
+        if isinstance(self.anchors, bool) or not isinstance(self.anchors, int) or self.anchors < 0:
+            raise ValueError(f"config: evaluation.one_shot_patch.anchors={self.anchors!r} must be an integer >= 0 "
+                             "(benign anchor pairs per batch; 0: none)")
 
 
 @dataclasses.dataclass(frozen=True)

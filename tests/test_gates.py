@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from tiny import add_lora, tiny_gpt2, tiny_llama
 
 from splora_callback.gates import GateResult, fold_gates, gated_forward, learn_gates
 from splora_callback.layers import iter_lora_layers
-from splora_callback.probe import UtilityProbe
+from splora_callback.probe import ProbeSet, UtilityProbe
 from splora_callback.teacher_forced import probe_loss
 
 
@@ -215,3 +217,111 @@ def test_bad_arguments_are_refused_before_anything_is_written():
     for kwargs in ({"steps": -1}, {"lr": 0.0}, {"weights": (1.0, -1.0, 0.0)}):
         with pytest.raises(ValueError):
             learn_gates(model, probe, **kwargs)
+
+
+# ------------------------------------------------------------------ the anchored one-shot patch (recipes)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+
+@pytest.fixture(scope="module")
+def patch_setup():
+    """(template PeftModel on a 420-token tiny Llama, ChatML tokenizer, refusal probe, benign pairs)."""
+    from demo_data import placeholder_requests
+    from tiny_models import TINY_LLAMA, VOCAB_SIZE, tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from splora_callback.data import refusal_pairs
+    from splora_callback.probe import SafetyProbe
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, **TINY_LLAMA)).eval()
+    template = add_lora(base, r=4, alpha=8)
+    randomize_lora(template, 5, 0.1, 0.05)
+    template.eval()
+    requests = placeholder_requests(12)
+    probe = SafetyProbe.from_pairs(tokenizer, refusal_pairs(requests[:6], seed=0), max_length=64, batch_size=4)
+    benign = [(f"Summarize: the meeting moved to {day}.", f"The meeting is now on {day}.")
+              for day in ("Monday", "Tuesday", "Friday")]
+    return template, tokenizer, probe, benign
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_patch_without_anchors_ignores_anchor_pairs_and_keeps_its_record(patch_setup):
+    from one_shot_patch import one_shot_patch
+    from recipe_sections import OneShotPatchSection
+
+    template, tokenizer, probe, benign = patch_setup
+    before = _weights(template)
+    spec = OneShotPatchSection(lr=1e-2, batch_size=2, steps=3)
+    assert spec.anchors == 0
+    plain, record = one_shot_patch(template, probe, spec, 0.0, seed=1)
+    again, same = one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign, tokenizer=tokenizer)
+    for name, weight in _weights(plain).items():
+        assert torch.equal(weight, _weights(again)[name]), name
+    assert record == same and "anchors" not in record and "anchor_loss" not in record
+    assert record["refusal_loss"]["after"] < record["refusal_loss"]["before"]
+    assert all(torch.equal(p, before[name]) for name, p in template.named_parameters())  # template untouched
+
+
+def test_anchored_patch_mixes_anchor_pairs_into_each_batch(patch_setup, monkeypatch):
+    import one_shot_patch as patch_module
+    from recipe_sections import OneShotPatchSection
+
+    template, tokenizer, probe, benign = patch_setup
+    before = _weights(template)
+    seen = []
+    mixed = patch_module._mixed_batch
+    monkeypatch.setattr(patch_module, "_mixed_batch", lambda *args: seen.append(args[3].tolist()) or mixed(*args))
+    spec = OneShotPatchSection(lr=1e-2, batch_size=2, steps=4, anchors=2)
+    plain_model, plain = patch_module.one_shot_patch(
+        template, probe, OneShotPatchSection(lr=1e-2, batch_size=2, steps=4), 0.0, seed=1)
+    model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
+                                                tokenizer=tokenizer, anchor_max_length=64)
+    assert len(seen) == 4 and all(len(rows) == 2 for rows in seen)
+    assert sorted(seen[0] + seen[1][:1]) == [0, 1, 2]  # one reshuffled pass over the 3 anchors, then the next
+    assert record["anchors"] == 2 and record["anchor_pairs"] == 3
+    assert set(record["anchor_loss"]) == {"before", "after"}
+    assert record["anchor_loss"]["after"] < record["anchor_loss"]["before"]  # it learned the anchors too
+    anchor = ProbeSet.from_pairs(tokenizer, benign, max_length=64, batch_size=probe.batch_size)
+    assert record["anchor_loss"]["before"] == pytest.approx(probe_loss(anchor, template), abs=1e-6)
+    assert record["anchor_loss"]["after"] < probe_loss(anchor, plain_model)  # more than the plain patch
+    assert record["refusal_loss"]["after"] < record["refusal_loss"]["before"]
+    assert {k: v for k, v in record.items() if not k.startswith("anchor")}.keys() == plain.keys()
+    assert all(torch.equal(p, before[name]) for name, p in template.named_parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_anchors_need_pairs_and_a_count(patch_setup):
+    from one_shot_patch import one_shot_patch
+    from recipe_sections import OneShotPatchSection, read_section
+
+    template, tokenizer, probe, benign = patch_setup
+    spec = OneShotPatchSection(lr=1e-2, batch_size=2, steps=1, anchors=1)
+    with pytest.raises(ValueError, match="anchor_pairs"):
+        one_shot_patch(template, probe, spec, 0.0, seed=0)
+    with pytest.raises(ValueError, match="anchor_pairs"):
+        one_shot_patch(template, probe, spec, 0.0, seed=0, anchor_pairs=benign)  # no tokenizer
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="anchors"):
+            OneShotPatchSection(lr=1e-2, batch_size=2, steps=1, anchors=bad)
+    read = read_section("evaluation.one_shot_patch", {"lr": 1e-3, "batch_size": 4, "steps": 2, "anchors": 3},
+                        OneShotPatchSection)
+    assert read.anchors == 3
+
+
+def test_lora_anchor_pairs_are_the_models_own_answers(patch_setup):
+    from one_shot_patch import lora_anchor_pairs
+
+    from splora_callback.evaluation import generate
+
+    template, tokenizer, _, benign = patch_setup
+    prompts = [prompt for prompt, _ in benign]
+    pairs = lora_anchor_pairs(template, tokenizer, prompts, max_new_tokens=4)
+    answers = generate(template, tokenizer, prompts, max_new_tokens=4, progress=False)
+    assert pairs == [(prompt, answer.text) for prompt, answer in zip(prompts, answers, strict=True)]
