@@ -252,6 +252,10 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             (console.warning if doubtful else console.info)("%s", plan)
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
         self._safety.begin(model, kwargs.get("processing_class"))  # every rank: the same forward passes
+        self._tokenizer = kwargs.get("processing_class")
+        if getattr(config.rule, "stop", None) == "refusal_rate" and self._tokenizer is None:
+            raise ValueError("SPLoRAConfig.select: the repair's refusal-rate stop generates answers and needs the "
+                             "tokenizer: pass it to the Trainer as processing_class=tokenizer (SFTTrainer does).")
         if state.is_world_process_zero:
             self._trackers = Trackers.open(args, sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
                                            since=self._created)
@@ -490,7 +494,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
                 entry["probes"] = False
             context = SelectionContext(model=model, probe=self.config.probe, aligned_refusal_loss=aligned_loss,
                                        adapter_name=self.config.adapter_name, acts=measured,
-                                       progress=state.is_world_process_zero and not args.disable_tqdm)
+                                       progress=state.is_world_process_zero and not args.disable_tqdm,
+                                       tokenizer=getattr(self, "_tokenizer", None),
+                                       benign_prompts=self.config.benign_prompts)
             selected = self.config.rule.select(scores, context)
             entry.update(context.notes)
             if self.config.rule.needs_model:
@@ -511,7 +517,7 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         trace = self.history[-1].get("repair_trace") if self.history else None
         if trace is None or self.config.action != "prune":
             return None
-        return RepairTrace(**trace).refusal_loss_at(trace["chosen"])
+        return RepairTrace(**trace).final.get("refusal")
 
     def _latest_scores(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
                        rescore: bool = False) -> LayerScores:

@@ -131,6 +131,7 @@ class Scored(NamedTuple):
     state_dict: dict[str, Any]
     model: Any = None
     probe: Any = None
+    tokenizer: Any = None
 
 
 def _score(args: argparse.Namespace) -> Scored:
@@ -184,7 +185,7 @@ def _score_with_probes(args: argparse.Namespace):
     scores = score_layers(model, alignment, "probe", null=args.null, seed=args.seed, probe=safety, utility=utility,
                           granularity=args.granularity)
     check_finite(scores, updates)
-    return Scored(scores, alignment, config, state_dict, model, safety)
+    return Scored(scores, alignment, config, state_dict, model, safety, tokenizer)
 
 
 def selection_rule(args: argparse.Namespace):
@@ -197,11 +198,41 @@ def selection_rule(args: argparse.Namespace):
         select = select or loaded
     parameters = {"k": args.top_k, "fraction": args.fraction, "threshold": args.threshold,
                   "budget": getattr(args, "budget", None), "restore": getattr(args, "restore", None)}
-    rule = rule_from_options(select, parameters)
+    options = rule_options(getattr(args, "rule_option", None) or [])
+    rule = rule_from_options(select, {**parameters, **options})
+    unknown = sorted(set(options) - set(rule.parameters() if rule is not None else ()))
+    if unknown:
+        raise ValueError(f"--rule-option {', '.join(unknown)}: not a parameter of the rule "
+                         f"{getattr(rule, 'name', None)!r} (its parameters: {', '.join(rule.parameters()) if rule else 'none'}).")
     if rule is not None and rule.needs_probe and not getattr(args, "probe_prompts", None):
         raise ValueError(f"the rule {rule.name!r} selects by the safety probe: pass --probe-prompts FILE"
                          + (" (splora prune)" if args.command != "prune" else "") + ".")
     return rule
+
+
+def rule_options(options: list[str]) -> dict[str, Any]:
+    """``--rule-option KEY=VALUE`` flags as parameters (VALUE as JSON when it parses, else text).
+
+    Raises:
+        ValueError: an option without ``=``.
+    """
+    import json
+
+    parameters: dict[str, Any] = {}
+    for option in options:
+        key, equals, text = option.partition("=")
+        if not equals or not key.isidentifier():
+            raise ValueError(f"--rule-option {option!r}: expected KEY=VALUE, e.g. stop=refusal_rate.")
+        try:
+            parameters[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parameters[key] = text
+    return parameters
+
+
+def read_prompts(path: str) -> list[str]:
+    """The ``"prompt"`` of every line of a JSONL file (``--benign-prompts``)."""
+    return [prompt for prompt, _ in read_pairs(path, "response", lambda prompts: [""] * len(prompts))]
 
 
 def _selection(args: argparse.Namespace, scored: Scored, rule: Any = None):
@@ -212,7 +243,9 @@ def _selection(args: argparse.Namespace, scored: Scored, rule: Any = None):
     rule = rule or selection_rule(args)
     if rule is None:
         return []
-    context = SelectionContext(model=scored.model, probe=scored.probe, acts=True, progress=sys.stderr.isatty())
+    benign = read_prompts(args.benign_prompts) if getattr(args, "benign_prompts", None) else None
+    context = SelectionContext(model=scored.model, probe=scored.probe, acts=True, progress=sys.stderr.isatty(),
+                               tokenizer=scored.tokenizer, benign_prompts=benign)
     if rule.needs_model:
         context.aligned_refusal_loss = aligned_refusal_loss(scored.probe, scored.model)
     chosen = rule.select(scored.scores, context)
@@ -239,11 +272,17 @@ def _print_trace(trace: dict[str, Any], scored: Scored, aligned: float) -> None:
     from .repair import RepairTrace
 
     trace = RepairTrace(**trace)
-    reached = trace.refusal_loss_at(trace.chosen)
-    print(f"measured stop: {trace.chosen} of {trace.available} {scored.scores.granularity} units ({trace.reason}); "
-          f"refusal loss {scored.scores.losses['refusal']:.4f} -> {float('nan') if reached is None else reached:.4f}, "
-          f"target {trace.target:.4f} (aligned model {aligned:.4f}); {trace.passes} forward passes",
-          file=sys.stderr)
+    removed = trace.chosen - len(trace.returned)
+    trimmed = f", {len(trace.returned)} put back by the trim" if trace.returned else ""
+    if trace.stop == "refusal_rate":
+        before = next(m["rate"] for m in trace.measurements if m["probe"] == "refusal_rate" and m["count"] == 0)
+        change = (f"refusal rate on the probe's prompts {before:.3f} -> {trace.final.get('refusal_rate', float('nan')):.3f}, "
+                  f"target {trace.target:.3f} (aligned model {trace.aligned.get('refusal_rate', float('nan')):.3f})")
+    else:
+        change = (f"refusal loss {scored.scores.losses['refusal']:.4f} -> {trace.final.get('refusal', float('nan')):.4f}, "
+                  f"target {trace.target:.4f} (aligned model {aligned:.4f})")
+    print(f"measured stop: {removed} of {trace.available} {scored.scores.granularity} units ({trace.reason}{trimmed}); "
+          f"{change}; {trace.passes} passes", file=sys.stderr)
 
 
 def why_nothing_selected(args: argparse.Namespace, scores: LayerScores) -> str:
@@ -457,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="import a rule of your own (a splora_callback.rules.Rule subclass or a function "
                               "(scores, context) -> selection) from MODULE, e.g. my_rules:AboveMedianProbe, and "
                               "select by it")
+        sub.add_argument("--rule-option", action="append", metavar="KEY=VALUE",
+                         help="a parameter of the rule (repeatable; VALUE read as JSON, else text), e.g. "
+                              "--rule-option stop=refusal_rate --rule-option order=difference")
 
     score = commands.add_parser("score", help="print per-layer scores of an adapter", description=MODELS_HELP,
                                 epilog=EXAMPLES, formatter_class=formatter)
@@ -491,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "order, the fewest whose removal closes this share (e.g. 0.8) of the gap between the "
                              "adapter's refusal loss and the aligned model's, measured by forward passes; needs "
                              "--utility-examples")
+    probes.add_argument("--benign-prompts", metavar="FILE",
+                        help="JSONL of benign requests {\"prompt\": ...} never used in alignment or evaluation: the "
+                             "over-refusal guard of --rule-option stop=refusal_rate --rule-option over_refusal_margin=M")
     probes.add_argument("--max-length", type=int, default=256, help="tokens per probe example")
     prune.add_argument("--action", choices=["prune", "project"], default="prune")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

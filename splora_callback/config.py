@@ -129,6 +129,11 @@ class SPLoRAConfig:
     refusal_every_n_steps: int = field(
         default=0, metadata={"help": "Measure the refusal rate on refusal_prompts every N steps (0: off)."}
     )
+    benign_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Benign requests for the repair's over-refusal guard (select={'name': 'repair', 'stop': "
+                          "'refusal_rate', 'over_refusal_margin': 0.05}); never alignment or evaluation prompts."},
+    )
     refusal_max_new_tokens: int = field(
         default=32, metadata={"help": "Tokens generated per refusal prompt (refusal keywords come early)."}
     )
@@ -228,7 +233,9 @@ class SPLoRAConfig:
         for name in PARAMETERS:
             if name in parameters and parameters[name] is not None:
                 setattr(self, name, parameters[name])
-        extra = {key: value for key, value in parameters.items() if key not in PARAMETERS}
+        defaults = {item.name: item.default for item in dataclasses.fields(rule)} if dataclasses.is_dataclass(rule) else {}
+        extra = {key: value for key, value in parameters.items()
+                 if key not in PARAMETERS and (key not in defaults or value != defaults[key])}
         self.select = {"name": rule.name, **extra} if extra and not isinstance(rule, FunctionRule) else rule.name
 
     @property
@@ -379,6 +386,13 @@ def _check_safety(config: SPLoRAConfig) -> None:
         raise ValueError(
             f"SPLoRAConfig.refusal_prompts: {len(shared)} prompt(s) are also safety-probe prompts (e.g. "
             f"{shared[0][:60]!r}); the refusal rate must be measured on held-out prompts.")
+    benign = config.benign_prompts
+    if benign is not None and (isinstance(benign, str) or not benign
+                               or not all(isinstance(p, str) and p.strip() for p in benign)):
+        raise ValueError(f"SPLoRAConfig.benign_prompts={benign!r:.80}: must be a non-empty list of benign requests.")
+    if benign is not None and getattr(config.rule, "over_refusal_margin", None) is None:
+        raise ValueError("SPLoRAConfig.benign_prompts is set but no rule uses them: pass select={'name': 'repair', "
+                         "'stop': 'refusal_rate', 'over_refusal_margin': 0.05}, or drop benign_prompts.")
     if config.refusal_every_n_steps and prompts is None:
         raise ValueError(f"SPLoRAConfig.refusal_every_n_steps={config.refusal_every_n_steps} needs refusal_prompts "
                          "(a few held-out harmful prompts).")

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from .repair import predicted_repair, repair_selection
 from .scoring import LayerScores
-from .selection import Selection, select_layers
+from .selection import REPAIR_ORDERS, Selection, select_layers
 
 # the flat SPLoRAConfig keywords that are rule parameters (k=10 alone means top_k)
 PARAMETERS = ("k", "fraction", "threshold", "budget", "restore")
@@ -58,6 +59,8 @@ class SelectionContext:
         acts: True where the selection is acted on (end of training, acted checkpoints); a
             measuring rule may use a cheaper stand-in elsewhere.
         progress: show a progress bar of long work (the main process, tqdm not disabled).
+        tokenizer: for rules that generate answers (the repair's refusal-rate stop).
+        benign_prompts: benign requests for an over-refusal guard (``SPLoRAConfig.benign_prompts``).
         notes: what the rule wants kept in the history entry and the report (e.g. the measured
             stop's trace under ``"repair_trace"``).
     """
@@ -68,6 +71,8 @@ class SelectionContext:
     adapter_name: str | None = None
     acts: bool = True
     progress: bool = False
+    tokenizer: Any = None
+    benign_prompts: Sequence[str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,8 +222,23 @@ class Budget(Rule):
 
 @dataclass(frozen=True)
 class Repair(Rule):
-    """The budget order, with a measured stop: the fewest units whose removal closes ``restore``
-    of the refusal-loss gap to the aligned model (forward passes where it acts)."""
+    """Units in a repair order, with a measured stop: the fewest whose removal closes ``restore``
+    of the gap to the aligned model, in refusal loss (``stop="refusal_loss"``) or in the greedy
+    refusal rate on the probe's harmful prompts (``stop="refusal_rate"``), forward passes or
+    generations where it acts.
+
+    Attributes:
+        restore: share of the gap to close, in (0, 1].
+        stop: ``"refusal_loss"`` (teacher-forced, nats) or ``"refusal_rate"`` (answers judged).
+        order: ``"ratio"`` (safety gain per task cost), ``"difference"`` (gain minus
+            ``utility_weight`` x cost) or ``"safety"`` (gain alone).
+        utility_weight: lambda of the difference order (both attributions are nats on their probe).
+        trim: after the stop, put-back trials, costliest units for the task first (0: none).
+        over_refusal_margin: with ``stop="refusal_rate"`` and benign prompts
+            (``SPLoRAConfig.benign_prompts``), a removal that raises their refusal rate above the
+            aligned model's + this margin is not taken (None: no guard).
+        max_new_tokens: tokens generated per answer by the rate stop.
+    """
 
     name: ClassVar[str] = "repair"
     needs_probe: ClassVar[bool] = True
@@ -226,26 +246,61 @@ class Repair(Rule):
     needs_model: ClassVar[bool] = True
     granularity: ClassVar[str] = "component"
     restore: float = 0.8
+    stop: str = "refusal_loss"
+    order: str = "ratio"
+    utility_weight: float = 1.0
+    trim: int = 0
+    over_refusal_margin: float | None = None
+    max_new_tokens: int = 8
 
     def check(self, metric: str) -> None:
         _needs_probe_metric(self, metric)
-        if not isinstance(self.restore, (int, float)) or not 0 < self.restore <= 1:
-            raise ValueError(f"SPLoRAConfig.restore={self.restore!r}: the share of the refusal-loss increase to "
+        if isinstance(self.restore, bool) or not isinstance(self.restore, (int, float)) or not 0 < self.restore <= 1:
+            raise ValueError(f"SPLoRAConfig.restore={self.restore!r}: the share of the refusal increase to "
                              "undo, in (0, 1] (e.g. 0.8).")
+        if self.stop not in STOPS:
+            raise ValueError(f"select='repair': stop={self.stop!r}; expected one of {', '.join(STOPS)}.")
+        if self.order not in REPAIR_ORDERS:
+            raise ValueError(f"select='repair': order={self.order!r}; expected one of {', '.join(REPAIR_ORDERS)}.")
+        numbers = {"utility_weight": self.utility_weight, "over_refusal_margin": self.over_refusal_margin}
+        for key, value in numbers.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"select='repair': {key}={value!r} must be a finite number >= 0.")
+        for key in ("trim", "max_new_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (key == "max_new_tokens"):
+                raise ValueError(f"select='repair': {key}={value!r} must be an integer >= {int(key == 'max_new_tokens')}.")
+        if self.over_refusal_margin is not None and self.stop != "refusal_rate":
+            raise ValueError("select='repair': over_refusal_margin guards the refusal-rate stop: set "
+                             "stop='refusal_rate', or drop over_refusal_margin.")
 
     def select(self, scores: LayerScores, context: SelectionContext) -> Selection:
         if not context.acts or context.model is None:  # the first-order stand-in: no forward pass
-            return predicted_repair(scores, context.aligned_refusal_loss, self.restore)
-        selected, trace = repair_selection(context.model, scores, context.probe, context.aligned_refusal_loss,
-                                           self.restore, context.adapter_name, progress=context.progress)
+            return predicted_repair(scores, context.aligned_refusal_loss, self.restore, self.order, self.utility_weight)
+        margin = self.over_refusal_margin if context.benign_prompts else None
+        selected, trace = repair_selection(
+            context.model, scores, context.probe, context.aligned_refusal_loss, self.restore, context.adapter_name,
+            progress=context.progress, stop=self.stop, order=self.order, utility_weight=self.utility_weight,
+            trim=self.trim, tokenizer=context.tokenizer, benign_prompts=context.benign_prompts,
+            over_refusal_margin=margin, max_new_tokens=self.max_new_tokens)
         context.notes["repair_trace"] = trace.to_dict()
         return selected
 
     def describe(self) -> str:
-        return f"a measured stop at {self.restore:.0%} of the refusal-loss increase undone"
+        signal = "refusal rate on the probe's prompts" if self.stop == "refusal_rate" else "refusal-loss increase"
+        order = {"ratio": "", "difference": ", safety gain minus task cost first",
+                 "safety": ", safety gain first"}[self.order]
+        trim = f", then up to {self.trim} put back" if self.trim else ""
+        return f"a measured stop at {self.restore:.0%} of the {signal} undone{order}{trim}"
 
     def cli_arguments(self) -> list[str]:
-        return [*PROBE_FILES, "--restore", str(self.restore)]
+        extra = [item for key, value in self.parameters().items() if key != "restore" and value != getattr(Repair, key)
+                 for item in ("--rule-option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}")]
+        return [*PROBE_FILES, "--restore", str(self.restore), *extra]
+
+
+STOPS = ("refusal_loss", "refusal_rate")
 
 
 @dataclass(frozen=True)
@@ -359,7 +414,7 @@ def rule_from_options(select: str | None, parameters: dict[str, Any]) -> Rule | 
     if select is not None:
         return resolve_rule(select, given)
     if "restore" in given:
-        return Repair(given["restore"])
+        return resolve_rule("repair", given)
     if "budget" in given:
         return Budget(given["budget"], given.get("k"))
     for rule in (TopK, Fraction, Threshold):

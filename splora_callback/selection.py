@@ -152,6 +152,41 @@ def budget_order(scores: LayerScores) -> list[Hashable]:
     return free + costly
 
 
+def difference_order(scores: LayerScores, utility_weight: float = 1.0) -> list[Hashable]:
+    """Units whose removal lowers the refusal loss (``a > 0``) by ``a - utility_weight x t``
+    descending (safety gain minus the weighted task cost, both nats on their probes); ties by name
+    and index. ``utility_weight=0``: by safety gain alone."""
+    pairs = attributions(scores)
+    return sorted((u for u, (a, _) in pairs.items() if a > 0),
+                  key=lambda u: (-(pairs[u][0] - utility_weight * pairs[u][1]), u))
+
+
+REPAIR_ORDERS = ("ratio", "difference", "safety")
+
+
+def repair_order(scores: LayerScores, order: str = "ratio", utility_weight: float = 1.0) -> list[Hashable]:
+    """The order a repair removes units in: ``"ratio"`` (:func:`budget_order`: gain per task cost),
+    ``"difference"`` (:func:`difference_order`: gain minus ``utility_weight`` x cost) or
+    ``"safety"`` (gain alone).
+
+    Raises:
+        ValueError: another order.
+    """
+    if order == "ratio":
+        return budget_order(scores)
+    if order == "difference":
+        return difference_order(scores, utility_weight)
+    if order == "safety":
+        return difference_order(scores, 0.0)
+    raise ValueError(f"order={order!r}: expected one of {', '.join(REPAIR_ORDERS)}.")
+
+
+def task_cost_order(scores: LayerScores, units: Sequence[Hashable]) -> list[Hashable]:
+    """``units`` by their task cost ``t`` descending (the trim pass tries the costliest first)."""
+    pairs = attributions(scores)
+    return sorted(units, key=lambda u: (-pairs[u][1], u))
+
+
 def _select_budget(scores: LayerScores, budget: float | None, *, k: int | None, fraction: float | None) -> Selection:
     if budget is None or not math.isfinite(budget) or budget < 0:
         raise ValueError(f"select='budget' needs a finite budget >= 0 (a share of the task loss), got budget={budget!r}.")
