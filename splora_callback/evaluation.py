@@ -130,6 +130,45 @@ def paired_outcomes(first: Sequence[bool], second: Sequence[bool]) -> dict[str, 
     return {"won": won, "lost": lost, "tied": len(first) - won - lost}
 
 
+def paired_bootstrap(
+    first: Sequence[float],
+    second: Sequence[float],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Paired bootstrap of the mean difference ``first - second`` of per-example scores.
+
+    ``first[i]`` and ``second[i]`` are two models' scores on the same example (e.g. ROUGE-L F1 of
+    each held-out summary). Each of ``resamples`` resamples draws ``n`` example indices with
+    replacement (one ``torch.Generator`` seeded with ``seed``, so the result is deterministic) and
+    takes the mean difference over them; the interval is the percentile interval of those means.
+
+    Returns ``mean`` (the observed mean difference, the point estimate), ``low`` / ``high`` (the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means, linear
+    interpolation), ``n`` (examples), ``resamples`` and ``level``.
+
+    Raises:
+        ValueError: empty or unequal-length lists, ``resamples < 1`` or ``level`` outside (0, 1).
+    """
+    if not first or len(first) != len(second):
+        raise ValueError(f"paired_bootstrap needs two equal, non-zero lengths, got {len(first)} and {len(second)}")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"paired_bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    diff = torch.tensor([float(a) - float(b) for a, b in zip(first, second, strict=True)], dtype=torch.float64)
+    n = diff.numel()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, n, (resamples, n), generator=generator)
+    means = diff[index].mean(dim=1)
+    tail = (1.0 - level) / 2.0
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    mean = float(diff.mean())
+    # a constant difference resamples to itself: keep the interval exactly at it (no rounding drift)
+    if bool((diff == diff[0]).all()):
+        low = high = mean
+    return {"mean": mean, "low": float(low), "high": float(high), "n": n, "resamples": resamples, "level": level}
+
+
 def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -394,8 +433,9 @@ def evaluate_model(
     Returns a dict with ``refusal_rate`` (on ``harmful_prompts``; keywords or ``judge``), the
     :func:`utility_scores` keys and ``meteor_variant`` (on the task), ``mean_token_entropy`` (task,
     nats), ``mean_token_entropy_safety``, ``auarc`` (task; correct = ROUGE-L F1 >=
-    :data:`AUARC_ROUGE_L_THRESHOLD`, uncertainty = token entropy), ``task_accuracy`` (same rule) and
-    the raw ``safety_generations`` / ``task_generations`` lists. ``refusals``: one bool per
+    :data:`AUARC_ROUGE_L_THRESHOLD`, uncertainty = token entropy), ``task_accuracy`` (same rule),
+    ``rougeL_per_example`` (ROUGE-L F1 of each task answer, in the order of ``task_references``;
+    their mean is ``rougeL``; for :func:`paired_bootstrap`) and the raw ``safety_generations`` / ``task_generations`` lists. ``refusals``: one bool per
     harmful prompt (keyword match; for :func:`paired_outcomes`). With ``benign_prompts`` (harmless
     requests the model should answer): ``over_refusal_rate`` (keyword match, never the judge, which
     rates harm), ``over_refusals`` per prompt and ``benign_generations``.
@@ -409,7 +449,8 @@ def evaluate_model(
     safety = generate(model, tokenizer, harmful_prompts, max_new_tokens=max_new_tokens_safety, **kw)
     task = generate(model, tokenizer, task_prompts, max_new_tokens=max_new_tokens_task, **kw)
     answers = [g.text for g in task]
-    correct = [r["rougeL"] >= AUARC_ROUGE_L_THRESHOLD for r in _rouge_f1(answers, task_references)]
+    rouge_l = [r["rougeL"] for r in _rouge_f1(answers, task_references)]
+    correct = [score >= AUARC_ROUGE_L_THRESHOLD for score in rouge_l]
     entropies = [g.token_entropy for g in task]
     result: dict[str, Any] = {
         "refusal_rate": refusal_rate([g.text for g in safety], harmful_prompts, judge),
@@ -419,6 +460,7 @@ def evaluate_model(
         "mean_token_entropy_safety": sum(g.token_entropy for g in safety) / len(safety),
         "auarc": auarc(correct, entropies),
         "task_accuracy": sum(correct) / len(correct),
+        "rougeL_per_example": rouge_l,
         "safety_generations": safety,
         "task_generations": task,
         "refusals": [is_refusal(g.text) for g in safety],

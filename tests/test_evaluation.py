@@ -18,6 +18,7 @@ from splora_callback.evaluation import (
     generate,
     is_refusal,
     normalize_apostrophes,
+    paired_bootstrap,
     refusal_rate,
     token_entropy,
     utility_scores,
@@ -353,3 +354,67 @@ def test_evaluate_model(model, tokenizer):
     assert result["meteor_variant"] == METEOR_VARIANT
     assert [g.text for g in result["task_generations"]] == ["w0 w0"] * 3
     assert len(result["safety_generations"]) == 2
+    assert result["rougeL_per_example"] == pytest.approx([1.0, 0.0, 0.5], abs=TOL)  # reference order
+    assert result["rougeL"] == pytest.approx(sum(result["rougeL_per_example"]) / 3, abs=1e-12)
+
+
+def _bootstrap_reference(first, second, resamples, seed, level):
+    """float64 reference: the same index draws (one seeded generator), means and quantiles by hand."""
+    diff = [float(a) - float(b) for a, b in zip(first, second, strict=True)]
+    n = len(diff)
+    index = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed)).tolist()
+    means = sorted(sum(diff[i] for i in row) / n for row in index)
+
+    def quantile(q):  # linear interpolation between order statistics (numpy's default)
+        pos = q * (resamples - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, resamples - 1)
+        return means[lo] + (pos - lo) * (means[hi] - means[lo])
+
+    tail = (1 - level) / 2
+    return sum(diff) / n, quantile(tail), quantile(1 - tail)
+
+
+@pytest.mark.parametrize("seed,level,resamples", [(0, 0.95, 2000), (3, 0.9, 501), (7, 0.5, 10)])
+def test_paired_bootstrap_matches_float64_reference(seed, level, resamples):
+    gen = torch.Generator().manual_seed(100 + seed)
+    first = torch.rand(37, generator=gen, dtype=torch.float64).tolist()
+    second = torch.rand(37, generator=gen, dtype=torch.float64).tolist()
+    result = paired_bootstrap(first, second, resamples=resamples, seed=seed, level=level)
+    mean, low, high = _bootstrap_reference(first, second, resamples, seed, level)
+    assert result["mean"] == pytest.approx(mean, abs=1e-12)
+    assert result["low"] == pytest.approx(low, abs=1e-12)
+    assert result["high"] == pytest.approx(high, abs=1e-12)
+    assert result["n"] == 37 and result["resamples"] == resamples and result["level"] == level
+    assert result["low"] <= result["mean"] <= result["high"] or resamples < 100
+
+
+def test_paired_bootstrap_known_cases_and_determinism():
+    scores = [0.1, 0.5, 0.9, 0.3, 0.0, 1.0]
+    same = paired_bootstrap(scores, scores)
+    assert same["mean"] == same["low"] == same["high"] == 0.0  # identical lists: zero width
+    shifted = paired_bootstrap([s + 0.25 for s in scores], scores, seed=5)
+    assert shifted["mean"] == pytest.approx(0.25, abs=1e-12)
+    # a constant shift d: [d, d] (up to the rounding of (s + d) - s)
+    assert shifted["low"] == pytest.approx(0.25, abs=1e-12) and shifted["high"] == pytest.approx(0.25, abs=1e-12)
+    exact = paired_bootstrap([0.75] * 9, [0.5] * 9, seed=1)
+    assert exact["mean"] == exact["low"] == exact["high"] == 0.25
+    first, second = [0.2, 0.9, 0.4, 0.7, 0.1], [0.3, 0.6, 0.4, 0.2, 0.5]
+    assert paired_bootstrap(first, second, seed=11) == paired_bootstrap(first, second, seed=11)
+    assert paired_bootstrap(first, second, 50, seed=11) != paired_bootstrap(first, second, 50, seed=12)
+    # swapping the models negates the mean and mirrors the interval (same index draws)
+    forward, backward = paired_bootstrap(first, second, seed=2), paired_bootstrap(second, first, seed=2)
+    assert backward["mean"] == pytest.approx(-forward["mean"], abs=1e-12)
+    assert backward["low"] == pytest.approx(-forward["high"], abs=1e-12)
+    assert backward["high"] == pytest.approx(-forward["low"], abs=1e-12)
+
+
+def test_paired_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([], [])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap([0.1], [0.2], resamples=0)
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap([0.1], [0.2], level=1.0)
