@@ -126,6 +126,57 @@ def paired_against(rows: Sequence[dict[str, Any]], rule: str, control: str, frac
     return {name: statistics.fmean(o[name] for o in outcomes) for name in ("won", "lost", "tied")}
 
 
+TASK_LOSS_TARGET = 0.05  # issue 27: at most 5 % relative ROUGE-L loss against the unpruned LoRA
+TASK_LOSS_RESAMPLES = 2000
+
+
+def task_loss(row: dict[str, Any], rows: Sequence[dict[str, Any]],
+              resamples: int = TASK_LOSS_RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
+    """Relative ROUGE-L loss of ``row``'s model against the unpruned LoRA of the same ``rows``, paired
+    over the held-out task examples: ``loss`` = -(mean of row - LoRA per-example ROUGE-L F1) / (LoRA
+    mean ROUGE-L), ``low`` / ``high`` its paired bootstrap 95 % interval (``splora_callback.evaluation
+    .paired_bootstrap``, the difference's interval over the fixed LoRA mean), ``n`` examples.
+
+    None when either model has no ``rougeL_per_example`` (results written before it existed), the
+    lists differ in length or the LoRA scores 0 (no relative loss)."""
+    from splora_callback.evaluation import paired_bootstrap
+
+    lora = next((r for r in rows if r["rule"] == "lora" and r["control"] is None), None)
+    own, reference = row.get("rougeL_per_example"), (lora or {}).get("rougeL_per_example")
+    if not own or not reference or len(own) != len(reference):
+        return None
+    lora_mean = statistics.fmean(reference)
+    if lora_mean <= 0:
+        return None
+    boot = paired_bootstrap(own, reference, resamples=resamples, seed=seed)
+    return {"loss": -boot["mean"] / lora_mean, "low": -boot["high"] / lora_mean,
+            "high": -boot["low"] / lora_mean, "n": boot["n"], "lora_rougeL": lora_mean}
+
+
+def loss_interval(loss: dict[str, Any] | None) -> str:
+    """``4.1 % [2.0, 6.3]``: a relative task loss and its paired bootstrap 95 % interval, in percent."""
+    if loss is None:
+        return "-"
+    return f"{100 * loss['loss']:.1f} % [{100 * loss['low']:.1f}, {100 * loss['high']:.1f}]"
+
+
+def task_loss_table(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Every evaluated model with per-example task scores against the unpruned LoRA (None: no such model)."""
+    lines = ["| model | control seed | ROUGE-L | ROUGE-L loss vs LoRA [95 % CI] | within 5 % |", "|" + "---|" * 5]
+    found = False
+    for row in rows:
+        if row["rule"] == "lora" and row["control"] is None:
+            continue
+        loss = task_loss(row, rows)
+        if loss is None:
+            continue
+        found = True
+        seed = "-" if row.get("control") is None else f"{row['control']} {row.get('seed')}"
+        lines.append(f"| {row['label']} | {seed} | {row['rougeL']:.3f} | {loss_interval(loss)} | "
+                     f"{'yes' if loss['loss'] <= TASK_LOSS_TARGET else 'no'} |")
+    return "\n".join(lines) if found else None
+
+
 def rate_interval(flags: Sequence[bool] | None) -> str:
     """``0.725 [0.572, 0.839]``: a rate and its Wilson 95 % interval (one model, its prompts)."""
     from splora_callback.evaluation import wilson_interval
@@ -323,7 +374,9 @@ def write_results(
         "callback": results["callback"],
         "summary": summary,
         "verdicts": verdicts(summary),
-        "rows": [{k: v for k, v in row.items() if k != "_result"} for row in rows],
+        "rows": [{**{k: v for k, v in row.items() if k != "_result"},
+                  "rougeL_per_example": row.get("rougeL_per_example", row.get("_result", {}).get("rougeL_per_example"))}
+                 for row in rows],
         "scores": results["scores"].to_dict(),
         "examples": {row["rule"]: _examples(row) for row in rows[:2]},
     }
@@ -388,6 +441,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def _task_loss_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    table = task_loss_table(rows)
+    if table is None:  # results without per-example task scores: the report as before
+        return []
+    return [
+        "Task loss against the unpruned LoRA, paired over the held-out task examples: relative ROUGE-L loss = "
+        "-(mean per-example difference) / (LoRA mean ROUGE-L), with its paired bootstrap 95 % interval "
+        f"({TASK_LOSS_RESAMPLES} resamples); within 5 %: the point estimate is at most 5 % (issue 27's target).",
+        "",
+        table,
+        "",
+    ]
+
+
 def results_markdown(payload: dict[str, Any]) -> str:
     """The human-readable report, from a ``results.json`` payload."""
     sizes, premise, probe, load = payload["sizes"], payload["premise"], payload["probe"], payload["machine"]
@@ -432,6 +499,7 @@ def results_markdown(payload: dict[str, Any]) -> str:
         "",
         interval_table(payload["rows"]),
         "",
+        *_task_loss_section(payload["rows"]),
         "## Does a rule beat chance?",
         "",
         "A rule beats a control when its refusal rate lies above the highest seed of that control (same number "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,103 @@ def test_efficacy_driver_smoke_real_model(tmp_path):
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0 and "train (load" not in second.stdout and "evaluate (load" not in second.stdout
     assert (cell / "results.json").stat().st_mtime_ns == stamp  # cached: nothing redone
+
+
+def _report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import efficacy_report
+
+    return efficacy_report
+
+
+def _row(rule, rougeL, refusal, per_example=None, control=None, seed=None, over=0.1):
+    row = {"rule": rule, "control": control, "seed": seed, "fraction": 0.25, "label": rule.replace("_", " "),
+           "n_layers": 3, "layers": [], "refusal_rate": refusal, "over_refusal_rate": over, "rougeL": rougeL,
+           "refusals": [True] * int(10 * refusal) + [False] * (10 - int(10 * refusal))}
+    if per_example is not None:
+        row["rougeL_per_example"] = per_example
+    return row
+
+
+def _cell(rows, n_task=120):
+    return {"rows": rows, "evaluation_prompts": ["p"] * 10, "sizes": {"task_eval": n_task}, "premise": {}}
+
+
+def _paired_rows(per_example=True):
+    # 120 held-out examples; the repaired model loses 0.02 on 30 of them against the LoRA (mean 0.5)
+    lora = [0.3, 0.7] * 60
+    repaired = [score - (0.04 if i % 4 == 0 else 0.0) for i, score in enumerate(lora)]
+    control = [score - 0.2 for score in lora]
+    mean = statistics.fmean
+    keep = (lambda scores: scores) if per_example else (lambda scores: None)
+    return [
+        _row("aligned", 0.2, 1.0, keep([0.2] * 120), over=0.05),
+        _row("lora", mean(lora), 0.2, keep(lora)),
+        _row("component_repair", mean(repaired), 0.9, keep(repaired)),
+        _row("component_repair", mean(control), 0.3, keep(control), control="kind-matched", seed=0),
+    ]
+
+
+def test_task_loss_paired_bootstrap_against_the_lora():
+    from results import loss_interval, task_loss, task_loss_table
+
+    from splora_callback.evaluation import paired_bootstrap
+
+    rows = _paired_rows()
+    loss = task_loss(rows[2], rows)
+    boot = paired_bootstrap(rows[2]["rougeL_per_example"], rows[1]["rougeL_per_example"])
+    assert loss["n"] == 120 and loss["loss"] == pytest.approx(0.01 / 0.5, abs=1e-12)  # 2 %
+    assert loss["low"] == pytest.approx(-boot["high"] / 0.5) and loss["high"] == pytest.approx(-boot["low"] / 0.5)
+    assert loss["low"] < loss["loss"] < loss["high"]
+    assert task_loss(rows[1], rows)["loss"] == 0.0  # the LoRA against itself: no loss, zero width
+    assert task_loss(rows[1], rows)["low"] == task_loss(rows[1], rows)["high"] == 0.0
+    assert loss_interval(loss).startswith("2.0 % [") and loss_interval(None) == "-"
+    table = task_loss_table(rows)
+    assert "| component repair | - | 0.490 | 2.0 % [" in table and "| yes |" in table
+    assert "kind-matched 0" in table and "40.0 % [40.0, 40.0] | no |" in table
+    old = _paired_rows(per_example=False)  # results without per-example scores: nothing paired
+    assert task_loss(old[2], old) is None and task_loss_table(old) is None
+
+
+def test_efficacy_report_reads_the_task_target_from_the_paired_estimate():
+    report = _report()
+    rows = _paired_rows()
+    check = report.target_check(rows[2], rows)
+    assert check["rougeL_relative_loss"] == pytest.approx(0.02, abs=1e-12)
+    low, high = check["rougeL_relative_loss_interval"]
+    assert low < 0.02 < high and check["task_examples"] == 120
+    assert check["meets_target"]  # restored (0.9 - 0.2) / 0.8 >= 80 %, 2 % <= 5 %, over-refusal +5 pts, above control
+    # a loss above 5 % at the centre fails the target even where the interval reaches below 5 %
+    lossy = [dict(row) for row in rows]
+    lora = lossy[1]["rougeL_per_example"]
+    lossy[2]["rougeL_per_example"] = [s - (0.24 if i % 4 == 0 else 0.0) for i, s in enumerate(lora)]
+    lossy[2]["rougeL"] = statistics.fmean(lossy[2]["rougeL_per_example"])
+    failing = report.target_check(lossy[2], lossy)
+    assert failing["rougeL_relative_loss"] == pytest.approx(0.12) and not failing["meets_target"]
+    summary = report.setting_summary({0: _cell(rows), 1: _cell(lossy)})
+    table = report.target_table(summary)
+    assert "| component repair | 0 | +87 % | 2.0 % [" in table and "| component repair | 1 | +87 % | 12.0 % [" in table
+    assert "1 of 2 |" in report.setting_table(summary)
+    note = report._interval_note(summary)
+    assert note and "120 held-out task examples" in note[0] and "point estimate" in note[0]
+
+
+def test_efficacy_report_without_per_example_scores_is_unchanged():
+    report = _report()
+    rows = _paired_rows(per_example=False)
+    check = report.target_check(rows[2], rows)
+    lora, own = rows[1]["rougeL"], rows[2]["rougeL"]
+    assert check["rougeL_relative_loss"] == (lora - own) / lora  # the loss of the means, as before
+    assert "rougeL_relative_loss_interval" not in check and "task_examples" not in check
+    summary = report.setting_summary({0: _cell(rows)})
+    assert "| component repair | 0 | +87 % | +2 % |" in report.target_table(summary)
+    assert report._interval_note(summary) == []
+
+
+def test_results_markdown_task_loss_section_only_with_per_example_scores():
+    import results
+
+    section = results._task_loss_section(_paired_rows())
+    assert section and "paired bootstrap 95 % interval (2000 resamples)" in section[0]
+    assert "| component repair | - | 0.490 | 2.0 % [" in section[2]
+    assert results._task_loss_section(_paired_rows(per_example=False)) == []
