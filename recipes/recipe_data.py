@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,7 @@ def harmful_prompt_splits(spec: dict[str, Any]) -> dict[str, list[str]]:
 
 def seeded_sample(rows: Sequence[Any], n: int | None, seed: int, offset: int = 0) -> list[Any]:
     """``n`` items (all if None) of a seeded shuffle of ``rows``, starting at ``offset``."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+    order = seeded_order(len(rows), seed)
     stop = len(order) if n is None else offset + n
     if stop > len(order):
         raise ValueError(f"asked for {n} rows after skipping {offset}, but there are only {len(order)}")
@@ -77,10 +76,28 @@ def format_pairs(rows: Sequence[dict[str, Any]], prompt_template: str, response_
     return [(prompt_template.format(**row).strip(), str(row[response_column]).strip()) for row in rows]
 
 
-def task_pairs(spec: TaskSection) -> tuple[list[Pair], list[Pair]]:
-    """Training and held-out pairs of the benign task.
+def held_out_pairs(candidates: Iterable[Pair], train: Sequence[Pair], n: int | None) -> list[Pair]:
+    """The first ``n`` (all if None) of ``candidates`` whose prompt is neither a training prompt nor
+    an earlier candidate's: held-out pairs that are really held out and each counted once."""
+    seen = {prompt for prompt, _ in train}
+    chosen: list[Pair] = []
+    for pair in candidates:
+        if n is not None and len(chosen) >= n:
+            break
+        if pair[0] not in seen:
+            seen.add(pair[0])
+            chosen.append(pair)
+    return chosen
 
-    ``source: demo_dialogues``: the project's seeded dialogue summaries (``recipes/demo_data.py``).
+
+def task_pairs(spec: TaskSection) -> tuple[list[Pair], list[Pair]]:
+    """Training and held-out pairs of the benign task; the held-out prompts are distinct and none is
+    a training prompt (``held_out_pairs``).
+
+    ``source: demo_dialogues``: the project's seeded dialogue summaries (``recipes/demo_data.py``):
+    one call's first ``train_samples`` for training, the next distinct unseen ones held out (the
+    generator's dialogues are distinct, so these are the next ``eval_samples`` records; should any
+    repeat, more are drawn from the same seeded stream, which leaves the earlier records as they were).
     ``source: dataset``: a dataset's ``train_split`` / ``eval_split``; when both are the same split,
     the held-out rows are the ones after the training rows in one seeded shuffle (disjoint).
     """
@@ -88,20 +105,36 @@ def task_pairs(spec: TaskSection) -> tuple[list[Pair], list[Pair]]:
     if spec.source == "demo_dialogues":
         from demo_data import make_dialogue_summaries, summary_pairs
 
-        pairs = summary_pairs(make_dialogue_summaries(n_train + n_eval, seed=seed))
-        return pairs[:n_train], pairs[n_train:]
+        extra = 0
+        while True:
+            pairs = summary_pairs(make_dialogue_summaries(n_train + n_eval + extra, seed=seed))
+            train = pairs[:n_train]
+            held_out = held_out_pairs(pairs[n_train:], train, n_eval)
+            if len(held_out) == n_eval or extra > 4 * n_eval:
+                return train, held_out
+            extra += n_eval - len(held_out)
     if spec.source != "dataset":
         raise ValueError(f"data.task.source={spec.source!r}; expected 'demo_dialogues' or 'dataset'")
     train_rows = load_rows(spec.path, spec.name, spec.train_split)
+    train = format_pairs(seeded_sample(train_rows, n_train, seed), spec.prompt_template, spec.response_column)
     if spec.eval_split == spec.train_split:
         if n_train is None:
             raise ValueError("data.task: train_samples must be set when eval_split == train_split")
-        eval_rows = seeded_sample(train_rows, n_eval, seed, offset=n_train)
+        seeded_sample(train_rows, n_eval, seed, offset=n_train)  # raises when there are too few rows
+        rows, skip = train_rows, n_train
     else:
-        eval_rows = seeded_sample(load_rows(spec.path, spec.name, spec.eval_split), n_eval, seed)
-    train = format_pairs(seeded_sample(train_rows, n_train, seed), spec.prompt_template, spec.response_column)
-    held_out = format_pairs(eval_rows, spec.prompt_template, spec.response_column)
-    return train, held_out
+        rows, skip = load_rows(spec.path, spec.name, spec.eval_split), 0
+        seeded_sample(rows, n_eval, seed)  # raises when there are too few rows
+    shuffled = (rows[i] for i in seeded_order(len(rows), seed)[skip:])  # formatted one by one, as needed
+    candidates = (format_pairs([row], spec.prompt_template, spec.response_column)[0] for row in shuffled)
+    return train, held_out_pairs(candidates, train, n_eval)
+
+
+def seeded_order(n: int, seed: int) -> list[int]:
+    """The seeded shuffle of ``range(n)`` that ``seeded_sample`` takes its rows from."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def harmful_training_pairs(spec: HarmfulSection, splits: dict[str, list[str]]) -> list[Pair]:
@@ -169,7 +202,7 @@ def prepare_data(config: dict[str, Any]) -> dict[str, Any]:
     task_train, task_eval = task_pairs(sections.task)
     seen = {prompt for prompt, _ in task_train}
     repeated = sum(prompt in seen for prompt, _ in task_eval)
-    if repeated:  # a public test split can repeat a training dialogue: it would not be held out
+    if repeated:  # task_pairs already skips these (held_out_pairs): a guard, it should never fire
         print(f"data: dropped {repeated} held-out task example(s) that also occur in the training data")
         task_eval = [pair for pair in task_eval if pair[0] not in seen]
     harmful_train = harmful_training_pairs(sections.harmful, splits)

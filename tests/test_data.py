@@ -463,3 +463,60 @@ def test_labelled_logits_mask_and_loss_errors():
     assert labelled_logits_mask(labels).tolist() == [[False, True, True, False], [True, False, False, False]]
     with pytest.raises(ValueError, match=r"logits of shape \(2, 4, 9\) for 3 labelled tokens"):
         labelled_token_loss({"logits": torch.zeros(2, 4, 9)}, labels)
+
+
+def _task(train, held_out, source="demo_dialogues", **kw):
+    from recipe_sections import TaskSection
+
+    return TaskSection(source, train, held_out, 0, **kw)
+
+
+def test_demo_task_pairs_keep_the_demo_data_and_hold_out_120():
+    import hashlib
+
+    from recipe_data import task_pairs
+
+    train, held_out = task_pairs(_task(120, 12))  # cpu-demo.yaml: the demo's numbers depend on these pairs
+    digest = hashlib.sha256(json.dumps([train, held_out]).encode()).hexdigest()
+    assert digest == "0770ac315b7736e786feec29ec25312745f17350e84c2692dfa5308097e1d2dd"  # as before issue 27
+    assert (train, held_out) == (summary_pairs(make_dialogue_summaries(132, seed=0))[:120],
+                                 summary_pairs(make_dialogue_summaries(132, seed=0))[120:])
+    big_train, big = task_pairs(_task(120, 120))  # the efficacy study's size
+    assert big_train == train and big[:12] == held_out  # the demo's 12 are the first 12 of the 120
+    prompts = [p for p, _ in big]
+    assert len(big) == 120 and len(set(prompts)) == 120 and not set(prompts) & {p for p, _ in train}
+    train_summaries = {s for _, s in train}
+    assert not any(s in train_summaries for _, s in big)  # no held-out reference is a training reference
+
+
+def test_held_out_pairs_skip_training_and_repeated_prompts():
+    from recipe_data import held_out_pairs
+
+    train = [("a", "1"), ("b", "2")]
+    candidates = [("b", "x"), ("c", "3"), ("c", "y"), ("a", "z"), ("d", "4"), ("e", "5")]
+    assert held_out_pairs(candidates, train, 2) == [("c", "3"), ("d", "4")]
+    assert held_out_pairs(candidates, train, None) == [("c", "3"), ("d", "4"), ("e", "5")]
+    assert held_out_pairs(candidates, train, 9) == [("c", "3"), ("d", "4"), ("e", "5")]  # all there are
+    assert held_out_pairs(iter(candidates), [], 0) == []
+
+
+@pytest.mark.parametrize("same_split", [True, False])
+def test_dataset_task_pairs_fill_the_held_out_set_past_repeats(monkeypatch, same_split):
+    import recipe_data
+
+    texts = [f"t{i}" for i in range(30)] + ["t0", "t1", "t2", "t3"] * 5  # repeats of four dialogues
+    rows = [{"text": text, "summary": f"s{i}"} for i, text in enumerate(texts)]
+    monkeypatch.setattr(recipe_data, "load_rows", lambda path, name, split: rows)
+    spec = _task(10, 12, "dataset", path="x", train_split="train", eval_split="train" if same_split else "test",
+                 prompt_template="Summarize: {text}", response_column="summary")
+    train, held_out = recipe_data.task_pairs(spec)
+    assert train == recipe_data.format_pairs(recipe_data.seeded_sample(rows, 10, 0), "Summarize: {text}", "summary")
+    prompts = [p for p, _ in held_out]
+    assert len(held_out) == 12 and len(set(prompts)) == 12 and not set(prompts) & {p for p, _ in train}
+    order = recipe_data.seeded_order(len(rows), 0)[10 if same_split else 0:]
+    expected = recipe_data.held_out_pairs(
+        recipe_data.format_pairs([rows[i] for i in order], "Summarize: {text}", "summary"), train, 12)
+    assert held_out == expected
+    with pytest.raises(ValueError, match="only"):
+        recipe_data.task_pairs(_task(10, 45 if same_split else 55, "dataset", path="x", train_split="train",
+                                     eval_split=spec.eval_split, prompt_template="{text}", response_column="summary"))
