@@ -37,7 +37,7 @@ SETTINGS = {
     "c": "recipes/configs/efficacy-c.yaml",
 }
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-CALIBRATION = ("a", 0)  # the cell whose run fixes the one-shot patch's steps for all others
+CALIBRATION = ("a", 0)  # the cell whose run fixes the patches' steps and Safe Delta's scale for all others
 
 
 def cell_dir(setting: str, seed: int, root: Path) -> Path:
@@ -45,17 +45,22 @@ def cell_dir(setting: str, seed: int, root: Path) -> Path:
     return root / setting / f"seed{seed}"
 
 
-def patch_steps(setting: str, seed: int, root: Path) -> list[str]:
-    """The one-shot patch's step count, calibrated once on the calibration cell and then frozen:
-    an override for every other cell (which therefore waits for that cell's results)."""
+def calibrated(setting: str, seed: int, root: Path) -> list[str]:
+    """What the calibration cell fixed, frozen for every other cell as overrides: the one-shot
+    patch's and the anchored patch's step counts, Safe Delta's scale (the other cells therefore
+    wait for that cell's results)."""
     if (setting, seed) == CALIBRATION:
         return []
-    calibrated = cell_dir(*CALIBRATION, root) / "results.json"
-    if not calibrated.is_file():
+    done = cell_dir(*CALIBRATION, root) / "results.json"
+    if not done.is_file():
         raise SystemExit(f"evaluate {CALIBRATION[0]}/seed{CALIBRATION[1]} first: it calibrates the one-shot "
-                         "patch's steps for every other cell")
-    steps = json.loads(calibrated.read_text())["one_shot_patch"]["steps"]
-    return [f"evaluation.one_shot_patch.steps={steps}"]
+                         "patches' steps and Safe Delta's scale for every other cell")
+    results = json.loads(done.read_text())
+    baselines = results.get("baselines") or {}
+    fixed = {"one_shot_patch.steps": (results.get("one_shot_patch") or {}).get("steps"),
+             "anchored_patch.steps": (baselines.get("anchored_patch") or {}).get("steps"),
+             "safe_delta.scale": (baselines.get("safe_delta") or {}).get("scale")}
+    return [f"evaluation.{key}={value}" for key, value in fixed.items() if value is not None]
 
 
 def same_config(ran: object, current: object) -> bool:
@@ -94,7 +99,7 @@ def run_cell(setting: str, seed: int, root: Path, stages: set[str], overrides: l
     ):
         if name not in stages:
             continue
-        extra = ["--train-only"] if name == "train" else patch_steps(setting, seed, root)
+        extra = ["--train-only"] if name == "train" else calibrated(setting, seed, root)
         if name == "train" and (folder / done).is_file():
             continue
         if name == "evaluate" and evaluated_with(folder, setting, cell + extra):

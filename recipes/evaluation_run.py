@@ -114,6 +114,61 @@ def check_against_callback(scores: Any, callback_report: dict[str, Any], toleran
     return worst
 
 
+def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: Any, eval_model: Any, tokenizer: Any,
+                    probe: Any, data: dict[str, Any], context: dict[str, Any], built: dict[str, Any],
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """The models of the rules without units besides the plain patch, into ``built`` by action: the
+    anchored patch, the learned gates (a LoRA copy each) and Safe Delta (effective weights); returns
+    their records. Anchors and the gates' benign term: the guard's benign requests (never aligned
+    on, never evaluated) answered by the trained LoRA itself."""
+    records: dict[str, Any] = {}
+    wanted = set(spec.rules) & {"anchored_patch", "gates", "safe_delta"}
+    if not wanted:
+        return records
+    anchors = None
+    if wanted & {"anchored_patch", "gates"}:
+        from demo_data import BENIGN_PROBE_REQUESTS
+        from one_shot_patch import lora_anchor_pairs
+
+        with stage("anchor pairs (benign requests, the LoRA's own answers)", timings):
+            anchors = lora_anchor_pairs(template, tokenizer, BENIGN_PROBE_REQUESTS, max_new_tokens=spec.task_max_new_tokens,
+                                        batch_size=len(BENIGN_PROBE_REQUESTS))
+    if "anchored_patch" in wanted:
+        from one_shot_patch import one_shot_patch
+
+        with stage("anchored one-shot patch (probe pairs + benign anchors)", timings):
+            built["anchored_patch"], records["anchored_patch"] = one_shot_patch(
+                template, probe, spec.anchored_patch, context["target"], config["seed"], anchor_pairs=anchors,
+                tokenizer=tokenizer, anchor_max_length=int(config["probe"]["max_length"]))
+    if "gates" in wanted:
+        from recipe_sections import GatesSection
+        from variants import lora_copy
+
+        from splora_callback import UtilityProbe
+        from splora_callback.gates import fold_gates, learn_gates
+
+        gates = spec.gates or GatesSection()
+        with stage(f"learned gates ({gates.steps} steps)", timings):
+            anchor = UtilityProbe.from_pairs(tokenizer, anchors, max_length=int(config["probe"]["max_length"]),
+                                             batch_size=probe.batch_size)
+            gated, _ = lora_copy(template)
+            result = learn_gates(gated, probe, utility=context.get("utility") or task_probe(
+                tokenizer, data["task_train"], spec, config["seed"]), anchor=anchor, steps=gates.steps, lr=gates.lr,
+                weights=(gates.refusal_weight, gates.task_weight, gates.anchor_weight))
+            fold_gates(gated, result.gates, threshold=gates.threshold)
+            built["gates"] = gated
+            records["gates"] = {**dataclasses.asdict(gates), "losses": result.losses,
+                                "below_half": sum(int((g < 0.5).sum()) for g in result.gates.values()),
+                                "components": sum(g.numel() for g in result.gates.values())}
+    if "safe_delta" in wanted:
+        from safe_delta import calibrated_safe_delta
+
+        with stage("Safe Delta (Gram matrices on the probe, scale calibration)", timings):
+            built["safe_delta"], records["safe_delta"] = calibrated_safe_delta(
+                template, eval_model, tokenizer, probe, spec.safe_delta, max_new_tokens=spec.harmful_max_new_tokens)
+    return records
+
+
 def run_evaluation(
     config: dict[str, Any],
     *,
@@ -149,10 +204,16 @@ def run_evaluation(
         )
         gap = check_against_callback(scores, callback_report)
         print(f"{len(scores.eligible())} scored layers; E-DIEM matches the callback's to {gap:.2g}")
-    context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility,
+    context: dict[str, Any] = {"model": template, "probe": probe, "utility": utility, "tokenizer": tokenizer,
                                "callback_report": callback_report, "same_utility": same_utility}
+    if any(getattr(rule.measured[1], "over_refusal_margin", None) is not None for rule in rules if rule.measured):
+        from demo_data import (
+            BENIGN_PROBE_REQUESTS,  # the guard's benign requests: never aligned on, never evaluated
+        )
+
+        context["benign_probe"] = list(BENIGN_PROBE_REQUESTS)
     patched, patch = None, None
-    if any(rule.needs_model or rule.action == "patch" for rule in rules):
+    if any(rule.needs_model or rule.action in ("patch", "anchored_patch") for rule in rules):
         from splora_callback.safety import aligned_refusal_loss
 
         measured = (callback_report.get("safety") or {}).get("aligned_refusal_loss")
@@ -166,6 +227,8 @@ def run_evaluation(
             patched, patch = one_shot_patch(template, probe, spec.one_shot_patch, context["target"], config["seed"])
             print(f"one-shot patch: {patch['steps']} steps, refusal loss {patch['refusal_loss']['before']:.3f} -> "
                   f"{patch['refusal_loss']['after']:.3f} (aligned {context['target']:.3f})")
+    built = {} if patched is None else {"patch": patched}
+    baselines = build_baselines(config, spec, template, eval_model, tokenizer, probe, data, context, built, timings)
     with stage("plan (measured stops run here)", timings):
         variants = plan_variants(scores, spec.rules, spec.fractions, spec.random_seeds, context, spec.controls)
     unique = len({variant.key for variant in variants})
@@ -182,7 +245,7 @@ def run_evaluation(
             check=lambda done: premise.update(
                 check_lora_effect(done, spec.require_lora_effect, spec.premise_refusal_ratio)
             ),
-            patched=patched,
+            built=built,
             cache_file=output_dir / "variants.jsonl",
             fingerprint=cache_fingerprint(config, aligned, data),
         )
@@ -197,6 +260,7 @@ def run_evaluation(
         "aligned_refusal_loss": context.get("target"),
         "repair_traces": context.get("traces", {}),
         "one_shot_patch": patch,
+        "baselines": baselines,
         "data": data,
         "callback": {
             "selected": callback_report["selected"],

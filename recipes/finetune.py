@@ -94,7 +94,7 @@ def train(
     if args.gradient_checkpointing:  # transformers 5 keeps it equal to activation_checkpointing
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     utility = None
-    if config["splora"].get("select") in ("budget", "repair"):  # the task pairs only, as the evaluation's rules
+    if splora_config(config, base, probe, None).rule.needs_utility:  # the task pairs only, as the evaluation's rules
         utility = evaluation_run.task_probe(tokenizer, data["task_train"], evaluation_section(config), config["seed"])
     callback = SPLoRACallback(splora_config(config, base, probe, utility))
     labelled_only = accepts_logits_mask(model)  # the LM head only where the loss is: the same loss, less memory
@@ -106,6 +106,7 @@ def train(
                                         labelled_logits_only=labelled_only),
         compute_loss_func=labelled_token_loss if labelled_only else None,
         callbacks=[callback],
+        processing_class=tokenizer,  # saved with the adapter; the repair's refusal-rate stop generates with it
     )
     trainer.train()
     trainer.save_model(str(output_dir / "adapter"))  # as the callback left it (pruned); every rank calls it

@@ -58,6 +58,34 @@ class OneShotPatchSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatesSection:
+    """``evaluation.gates`` (splora_callback.gates): projected-Adam steps on a gate per rank-one
+    component, on ``refusal_weight`` x the probe's refusal loss + ``task_weight`` x the utility
+    probe's task loss + ``anchor_weight`` x the loss of benign requests answered by the LoRA itself;
+    ``threshold``: None keeps the gates as scales (an exact LoRA), a number rounds them."""
+
+    steps: int = 12
+    lr: float = 0.05
+    refusal_weight: float = 1.0
+    task_weight: float = 1.0
+    anchor_weight: float = 1.0
+    threshold: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeDeltaSection:
+    """``evaluation.safe_delta`` (safe_delta.py): the peer baseline on the merged LoRA delta.
+    ``scale``: the budget's s; None calibrates it (the largest of ``scales`` whose probe refusal
+    rate reaches the aligned model's), on the calibration cell; the driver freezes it for the rest."""
+
+    scale: float | None = None
+    scales: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+    damp: float = 0.01
+    block: int = 128
+    never_keep: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluationSection:
     """``evaluation`` (evaluation_run.py, variants.py): what is evaluated and how."""
 
@@ -82,10 +110,16 @@ class EvaluationSection:
     utility_max_length: int = 256
     utility_batch_size: int = 10
     one_shot_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
+    anchored_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
+    gates: GatesSection | None = section(GatesSection, default=None)
+    safe_delta: SafeDeltaSection | None = section(SafeDeltaSection, default=None)
 
     def __post_init__(self) -> None:
-        if "one_shot_patch" in self.rules and self.one_shot_patch is None:
-            raise ValueError("config: evaluation.rules has one_shot_patch; set evaluation.one_shot_patch (lr, batch_size, steps)")
+        for rule in ("one_shot_patch", "anchored_patch"):
+            if rule in self.rules and getattr(self, rule) is None:
+                raise ValueError(f"config: evaluation.rules has {rule}; set evaluation.{rule} (lr, batch_size, steps)")
+        if "anchored_patch" in self.rules and not self.anchored_patch.anchors:
+            raise ValueError("config: evaluation.anchored_patch.anchors must be >= 1 (benign anchor pairs per batch)")
 
 
 # What each source of data.task / data.harmful reads besides the counts and the seed.
@@ -193,6 +227,7 @@ def read_section(name: str, spec: Any, cls: type) -> Any:
     missing = [
         field.name for field in dataclasses.fields(cls)
         if field.name not in values and field.default is dataclasses.MISSING
+        and field.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ValueError(f"config: {name} is missing {missing}; see recipes/configs/cpu-demo.yaml")

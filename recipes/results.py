@@ -369,6 +369,7 @@ def write_results(
         "aligned_refusal_loss": results.get("aligned_refusal_loss"),
         "repair_traces": results.get("repair_traces", {}),
         "one_shot_patch": results.get("one_shot_patch"),
+        "baselines": results.get("baselines", {}),
         "probe": results["probe"],
         "evaluation_prompts": data["eval_prompts"],
         "callback": results["callback"],

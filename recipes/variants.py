@@ -22,16 +22,25 @@ from typing import Any
 import torch
 
 
-def callback_stop(callback_report: dict[str, Any] | None, granularity: str, restore: float,
+def callback_stop(callback_report: dict[str, Any] | None, granularity: str, rule: Any,
                   same_utility: bool) -> list | None:
     """The units of the measured stop the callback ran at the end of training, when it is the one
-    this rule would measure (same rule, ``restore``, granularity, probes and weights); else None."""
+    ``rule`` would measure (the same library rule and parameters, granularity, probes and weights);
+    else None."""
+    from splora_callback.rules import resolve_rule
+
     done = callback_report or {}
     same = done.get("config", {})
-    if (same.get("select") == "repair" and same.get("restore") == restore and same.get("granularity") == granularity
-            and same_utility and (done.get("repair") or {}).get("measured_stop")):
-        return [(name, index) for name, indices in done["history"][-1]["selected"].items() for index in indices]
-    return None
+    if not (same_utility and (done.get("repair") or {}).get("measured_stop")) or same.get("granularity") != granularity:
+        return None
+    select, flat = same.get("select"), {"restore": same.get("restore")}
+    try:  # the report's config: the rule's name (or {"name", **parameters}) and its flat parameters
+        ran = resolve_rule({**flat, **select} if isinstance(select, dict) else select, flat)
+    except (TypeError, ValueError):
+        return None
+    if ran != rule:
+        return None
+    return [(name, index) for name, indices in done["history"][-1]["selected"].items() for index in indices]
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,10 @@ class StudyRule:
         return bool(library is not None and library.needs_utility)
 
     @property
-    def measured(self) -> tuple[str, float] | None:
+    def measured(self) -> tuple[str, Any] | None:
+        """``(granularity, library rule)`` of a rule that measures as it chooses, else None."""
         library = self._library()
-        return (self.granularity, library.restore) if library is not None and library.needs_model else None
+        return (self.granularity, library) if library is not None and library.needs_model else None
 
     @property
     def needs_model(self) -> bool:
@@ -86,14 +96,15 @@ class StudyRule:
         ranked = scores.with_metric(self.metric).with_granularity(self.granularity)
         if not library.needs_model:
             return selection_units(library.select(ranked, SelectionContext(acts=True)))
-        key = f"{self.granularity}_{library.name}"
+        key = next(name for name, rule in RULES.items() if rule is self)  # the trace's key: the study rule's name
         done = context.get("callback_report")
-        reused = callback_stop(done, self.granularity, library.restore, bool(context.get("same_utility")))
+        reused = callback_stop(done, self.granularity, library, bool(context.get("same_utility")))
         if reused is not None:
             context.setdefault("traces", {})[key] = {**done["repair"]["measured_stop"], "from": "callback"}
             return reused
         measuring = SelectionContext(model=context["model"], probe=context["probe"],
-                                     aligned_refusal_loss=context["target"], acts=True)
+                                     aligned_refusal_loss=context["target"], acts=True,
+                                     tokenizer=context.get("tokenizer"), benign_prompts=context.get("benign_probe"))
         chosen = library.select(ranked, measuring)
         context.setdefault("traces", {})[key] = measuring.notes["repair_trace"]
         return selection_units(chosen)
@@ -114,6 +125,8 @@ def _fixed(name: str, **parameters: Any) -> Callable[[float], Any]:
     return build
 
 
+RATE_STOP = {"restore": 0.9, "stop": "refusal_rate"}
+
 # The evaluated rules, by the name ``evaluation.rules`` uses. A new rule is a library rule
 # (``splora_callback.rules``) and one entry here; its kind-matched control comes with it.
 RULES: dict[str, StudyRule] = {
@@ -128,7 +141,24 @@ RULES: dict[str, StudyRule] = {
                                   "component probe + utility, budget 5 %, prune", "component"),
     "component_repair": StudyRule(_fixed("repair", restore=0.8), "probe", "prune",
                                   "component repair, measured stop (80 % of refusal loss)", "component"),
+    # issue 27: the stop on refusal behaviour (greedy answers to the probe's own prompts), 90 % of the
+    # probe's refusal-rate gap closed (fixed before any run: a margin over the 80 % target for the step
+    # from 20 probe prompts to held-out ones), orders compared at that stop, a trim pass, a guard
+    "rate_repair": StudyRule(_fixed("repair", **RATE_STOP, order="difference", trim=16), "probe", "prune",
+                             "component repair, refusal-rate stop, difference order, trim 16", "component"),
+    "rate_repair_no_trim": StudyRule(_fixed("repair", **RATE_STOP, order="difference"), "probe", "prune",
+                                     "component repair, refusal-rate stop, difference order", "component"),
+    "rate_repair_ratio": StudyRule(_fixed("repair", **RATE_STOP, order="ratio"), "probe", "prune",
+                                   "component repair, refusal-rate stop, ratio order", "component"),
+    "rate_repair_safety": StudyRule(_fixed("repair", **RATE_STOP, order="safety"), "probe", "prune",
+                                    "component repair, refusal-rate stop, safety order", "component"),
+    "rate_repair_guard": StudyRule(_fixed("repair", **RATE_STOP, order="difference", trim=16, over_refusal_margin=0.05),
+                                   "probe", "prune", "component repair, refusal-rate stop, difference order, trim 16, "
+                                   "over-refusal guard", "component"),
     "one_shot_patch": StudyRule(None, None, "patch", "one-shot safety patch (probe pairs)"),
+    "anchored_patch": StudyRule(None, None, "anchored_patch", "one-shot safety patch with benign anchor pairs"),
+    "gates": StudyRule(None, None, "gates", "learned component gates (kept as scales)"),
+    "safe_delta": StudyRule(None, None, "safe_delta", "Safe Delta (peer; a dense update, not low-rank)"),
 }
 METRICS = ("refusal_rate", "over_refusal_rate", "rouge1", "rouge2", "rougeL", "bleu", "meteor", "mean_token_entropy", "auarc")
 EXAMPLES_SHOWN = 4  # generations of the aligned and LoRA models quoted in results.md
@@ -268,11 +298,14 @@ def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:
 
 @torch.no_grad()
 def load_variant(
-    eval_model: Any, template: Any, alignment: Any, variant: Variant, names: Sequence[str], patched: Any = None
+    eval_model: Any, template: Any, alignment: Any, variant: Variant, names: Sequence[str],
+    built: dict[str, Any] | None = None,
 ) -> None:
     """Write the variant's effective q/k/v/o weights (aligned + its LoRA update) into ``eval_model``.
 
-    ``patched``: the LoRA model of the one-shot safety patch (``action="patch"``).
+    ``built``: action -> what a rule without units built beforehand: a LoRA model (the one-shot
+    patches retrain the LoRA, the learned gates rescale its components) or ``{module: effective
+    weight}`` (Safe Delta's dense update on the aligned weights).
 
     A merge into a separate plain model: generation then runs without LoRA matmuls (measured here:
     about a third faster than the PEFT model on CPU) and the template keeps its LoRA intact.
@@ -282,8 +315,13 @@ def load_variant(
     from splora_callback.layers import resolve_adapter_name, unwrap_peft
 
     adapter = resolve_adapter_name(template)
-    if variant.action == "patch":  # the one-shot safety patch: the LoRA retrained on the probe pairs
-        acted = patched
+    prebuilt = (built or {}).get(variant.action)
+    if isinstance(prebuilt, dict):  # effective weights (Safe Delta): written as they are
+        for name in names:
+            eval_model.get_submodule(name).weight.copy_(prebuilt[name])
+        return
+    if prebuilt is not None:
+        acted = prebuilt
     elif variant.layers:
         acted = acted_copy(template, alignment, variant.selection, variant.action)
     else:
@@ -310,7 +348,7 @@ def _evaluate_one(variant: Variant) -> dict[str, Any]:
 
     shared = _SHARED
     load_variant(shared["eval_model"], shared["template"], shared["alignment"], variant, shared["names"],
-                 shared.get("patched"))
+                 shared.get("built"))
     spec, data = shared["spec"], shared["data"]
     prompts, references = zip(*data["task_eval"], strict=True)
     return evaluate_model(
@@ -371,13 +409,13 @@ def evaluate_variants(
     data: dict[str, Any],
     spec: dict[str, Any],
     check: Any = None,
-    patched: Any = None,
+    built: dict[str, Any] | None = None,
     cache_file: Any = None,
     fingerprint: str = "",
 ) -> list[dict[str, Any]]:
     """Evaluate every variant (identical models once); ``check(rows)`` runs after aligned and LoRA.
 
-    ``patched``: the one-shot patch's LoRA model (variants with ``action="patch"``). ``cache_file``:
+    ``built``: what the rules without units built, by action (:func:`load_variant`). ``cache_file``:
     a JSONL file that gets one line per evaluated model as it finishes, tagged with ``fingerprint``
     (``evaluation_run.cache_fingerprint``: the adapter, the aligned model, the settings and prompts);
     models already in it with the same fingerprint are not evaluated again (a stopped evaluation
@@ -401,7 +439,7 @@ def evaluate_variants(
         data=data,
         spec=spec,
         names=[name for name, _ in iter_lora_layers(template, resolve_adapter_name(template))],
-        patched=patched,
+        built=built or {},
     )
     first: dict[tuple, Variant] = {}
     for variant in variants:
@@ -420,9 +458,11 @@ def evaluate_variants(
     if stale:
         print(f"{cache_file}: {stale} cached evaluation(s) of other inputs (adapter, models, prompts or settings) "
               "not reused")
-    # a cached model without the over-refusal prompts is evaluated again where they are now wanted
+    # a cached model without the over-refusal prompts is evaluated again where they are now wanted, one
+    # without per-example task scores (the paired interval needs them) everywhere
     benign = bool(data.get("benign_prompts"))
-    usable = {variant.cache_key for variant in distinct if variant.cache_key in cache and (
+    usable = {variant.cache_key for variant in distinct if variant.cache_key in cache
+              and "rougeL_per_example" in cache[variant.cache_key][0] and (
         "over_refusals" in cache[variant.cache_key][0] or not (benign and _measures_over_refusal(variant, spec)))}
     head = [variant for variant in distinct[:2] if variant.cache_key not in usable]
     rest = [variant for variant in distinct[2:] if variant.cache_key not in usable]
