@@ -253,9 +253,13 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
         self._safety.begin(model, kwargs.get("processing_class"))  # every rank: the same forward passes
         self._tokenizer = kwargs.get("processing_class")
-        if getattr(config.rule, "stop", None) == "refusal_rate" and self._tokenizer is None:
-            raise ValueError("SPLoRAConfig.select: the repair's refusal-rate stop generates answers and needs the "
-                             "tokenizer: pass it to the Trainer as processing_class=tokenizer (SFTTrainer does).")
+        if getattr(config.rule, "stop", None) == "refusal_rate":  # what the stop needs, before step 1
+            if self._tokenizer is None:
+                raise ValueError("SPLoRAConfig.select: the repair's refusal-rate stop generates answers and needs the "
+                                 "tokenizer: pass it to the Trainer as processing_class=tokenizer (SFTTrainer does).")
+            if not getattr(config.probe, "prompts", None):
+                raise ValueError("SPLoRAConfig.select: the repair's refusal-rate stop answers the safety probe's "
+                                 "prompts; this probe has none: build it with SafetyProbe.from_pairs(tokenizer, pairs).")
         if state.is_world_process_zero:
             self._trackers = Trackers.open(args, sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
                                            since=self._created)

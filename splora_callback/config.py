@@ -390,6 +390,9 @@ def _check_safety(config: SPLoRAConfig) -> None:
     if benign is not None and (isinstance(benign, str) or not benign
                                or not all(isinstance(p, str) and p.strip() for p in benign)):
         raise ValueError(f"SPLoRAConfig.benign_prompts={benign!r:.80}: must be a non-empty list of benign requests.")
+    if benign is None and getattr(config.rule, "over_refusal_margin", None) is not None:
+        raise ValueError("SPLoRAConfig.select: over_refusal_margin guards against over-refusal on benign requests: "
+                         "pass benign_prompts (a few benign requests never used in alignment or evaluation).")
     if benign is not None and getattr(config.rule, "over_refusal_margin", None) is None:
         raise ValueError("SPLoRAConfig.benign_prompts is set but no rule uses them: pass select={'name': 'repair', "
                          "'stop': 'refusal_rate', 'over_refusal_margin': 0.05}, or drop benign_prompts.")

@@ -278,7 +278,10 @@ class Repair(Rule):
     def select(self, scores: LayerScores, context: SelectionContext) -> Selection:
         if not context.acts or context.model is None:  # the first-order stand-in: no forward pass
             return predicted_repair(scores, context.aligned_refusal_loss, self.restore, self.order, self.utility_weight)
-        margin = self.over_refusal_margin if context.benign_prompts else None
+        if self.over_refusal_margin is not None and not context.benign_prompts:
+            raise ValueError("select='repair': over_refusal_margin needs benign requests to guard: "
+                             "SPLoRAConfig.benign_prompts (splora prune --benign-prompts FILE).")
+        margin = self.over_refusal_margin
         selected, trace = repair_selection(
             context.model, scores, context.probe, context.aligned_refusal_loss, self.restore, context.adapter_name,
             progress=context.progress, stop=self.stop, order=self.order, utility_weight=self.utility_weight,

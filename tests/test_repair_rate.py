@@ -196,3 +196,40 @@ def test_the_rate_stop_without_a_tokenizer_fails_before_step_one(tmp_path):
     with pytest.raises(ValueError, match="refusal-rate stop generates answers.*processing_class=tokenizer"):
         _train(tmp_path, "run", [callback], _rows())
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_a_guard_without_benign_prompts_is_refused_on_construction_and_where_it_selects():
+    from test_probe import random_probe
+
+    from splora_callback import SPLoRAConfig
+    from splora_callback.rules import SelectionContext
+
+    select = {"name": "repair", "stop": "refusal_rate", "over_refusal_margin": 0.05}
+    with pytest.raises(ValueError, match="over_refusal_margin guards.*pass benign_prompts"):
+        SPLoRAConfig(probe=random_probe(), select=select)
+    rule = resolve_rule(select, {})
+    with pytest.raises(ValueError, match="over_refusal_margin needs benign requests.*--benign-prompts"):
+        rule.select(None, SelectionContext(model=object(), acts=True))
+
+
+def test_the_rate_stop_with_a_probe_without_prompts_fails_before_step_one(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from test_components import _rows
+    from test_repair import task_probe
+    from test_safety import tokenizer
+    from tiny import ATTENTION, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    from splora_callback import SafetyProbe, SPLoRACallback
+
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(0))
+    probe = SafetyProbe.from_tensors(ids, torch.ones_like(ids), ids.clone())
+    callback = SPLoRACallback(metric="probe", probe=probe, utility=task_probe(seed=3),
+                              select={"name": "repair", "stop": "refusal_rate"})
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_rows(), callbacks=[callback], processing_class=tokenizer())
+    with pytest.raises(ValueError, match="this probe has none.*SafetyProbe.from_pairs"):
+        trainer.train()
+    assert trainer.state.global_step == 0
