@@ -11,7 +11,6 @@ done and every applied change undone if anything raises on the way.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
@@ -74,8 +73,8 @@ def held_signals() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(received):  # re-delivered to the handlers the program had
-            os.kill(os.getpid(), number)
+        for number in dict.fromkeys(received):  # re-delivered to the handlers the program had, in this
+            signal.raise_signal(number)  # thread (os.kill may land on another thread, and the main thread move on)
 
 
 @dataclass
