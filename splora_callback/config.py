@@ -13,6 +13,8 @@ from typing import Any, Literal
 from .rules import PARAMETERS, FunctionRule, Rule, check_unused_parameters, infer_rule_name, resolve_rule
 from .runtime import SPLoRARuntime
 
+RESTORE_DEFAULT = 0.8  # the repair's share of the refusal increase to undo
+
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
 GRANULARITIES = ("layer", "component")
@@ -70,7 +72,7 @@ class SPLoRAConfig:
                           "(0.05: 5 percent)."},
     )
     restore: float = field(
-        default=0.8,
+        default=RESTORE_DEFAULT,
         metadata={"help": "select='repair': share of the refusal-loss increase (LoRA vs aligned model, on the "
                           "safety probe) the repair must undo, measured (0.8: 80 percent)."},
     )
@@ -225,7 +227,15 @@ class SPLoRAConfig:
         given = {name: getattr(self, name) for name in ("k", "fraction", "threshold", "budget")
                  if getattr(self, name) is not None}
         select = self.select if self.select is not None else infer_rule_name(given, self.metric)
-        rule = resolve_rule(select, {**given, "restore": self.restore})
+        flat = {**given, "restore": self.restore}
+        if isinstance(select, dict):  # {"name": ..., **parameters} with flat keywords: one set of parameters
+            clashes = [key for key in flat if key in select and select[key] != flat[key]
+                       and not (key == "restore" and flat[key] == RESTORE_DEFAULT)]
+            if clashes:
+                raise ValueError(f"SPLoRAConfig: {', '.join(f'{key}={flat[key]!r}' for key in clashes)} and select's "
+                                 f"{', '.join(f'{key}={select[key]!r}' for key in clashes)} disagree; set it once.")
+            select = {**flat, **select}
+        rule = resolve_rule(select, flat)
         check_unused_parameters(rule, given)
         rule.check(self.metric)
         self._rule = rule

@@ -168,8 +168,8 @@ def test_callback_trims_the_stop_and_the_live_model_is_the_trace_s_final_set(tmp
     from splora_callback.teacher_forced import probe_loss
 
     probe = random_probe(seed=9)
-    config = SPLoRAConfig(metric="probe", probe=probe, utility=task_probe(seed=3), restore=0.5, score_every_n_steps=0,
-                          select={"name": "repair", "order": "difference", "trim": 6})
+    config = SPLoRAConfig(metric="probe", probe=probe, utility=task_probe(seed=3), score_every_n_steps=0,
+                          select={"name": "repair", "restore": 0.8, "order": "difference", "trim": 6})
     callback = SPLoRACallback(config)
     model = _train(tmp_path, "run", [callback], _rows())
     report = json.loads((tmp_path / "run" / "splora_report.json").read_text())
@@ -233,3 +233,16 @@ def test_the_rate_stop_with_a_probe_without_prompts_fails_before_step_one(tmp_pa
     with pytest.raises(ValueError, match="this probe has none.*SafetyProbe.from_pairs"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_flat_restore_and_a_select_dict_make_one_rule_and_round_trip():
+    from splora_callback import SPLoRAConfig
+
+    config = SPLoRAConfig(probe=object(), restore=0.9, select={"name": "repair", "stop": "refusal_rate"})
+    assert config.rule == Repair(restore=0.9, stop="refusal_rate")  # the README's call: restore is not dropped
+    again = SPLoRAConfig(probe=object(), **{k: v for k, v in config.to_dict().items() if k != "select"},
+                         select=config.to_dict()["select"])
+    assert again.rule == config.rule
+    assert SPLoRAConfig(probe=object(), select={"name": "repair", "restore": 0.7}).rule.restore == 0.7
+    with pytest.raises(ValueError, match="restore=0.9 and select's restore=0.7 disagree"):
+        SPLoRAConfig(probe=object(), restore=0.9, select={"name": "repair", "restore": 0.7})
