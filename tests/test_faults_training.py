@@ -173,11 +173,16 @@ def test_04_interrupt_inside_the_component_swap_leaves_every_layer_old_or_new(pa
     assert all(torch.equal(value, lora_state(model)[name]) for name, value in old_state.items())
     assert torch.allclose(_saved_logits(model, tmp_path / "old", pair[1]), old_logits, rtol=0, atol=1e-6)
 
-    # a real SIGINT half-way: held until the swap is done, then delivered; every layer new
+    # a real SIGINT half-way: held until the swap is done, then delivered to the program's handler
+    # (Python's default here: an earlier test of the session may have left another one); every layer new
     prepared = prepare_prune_components(model, chosen)
     prepared.edits.edits.insert(middle, Edit(lambda: os.kill(os.getpid(), signal.SIGINT), lambda: None))
-    with pytest.raises(KeyboardInterrupt):
-        prepared.commit()
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepared.commit()
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert prepared.edits.committed and lora_layer_count(model) == LORA_LAYERS - 1
     new_logits = logits(model)
     assert not torch.allclose(new_logits, old_logits, atol=1e-4)
