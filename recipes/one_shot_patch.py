@@ -41,6 +41,18 @@ def _padded(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
+def _next_rows(order: list[int], rng: random.Random, size: int, count: int) -> torch.Tensor:
+    """The next ``count`` rows of an epoch-shuffled order over ``size`` rows; ``order`` (the rows
+    not yet drawn) is refilled with a fresh shuffle while shorter than ``count`` and consumed."""
+    while len(order) < count:
+        fresh = list(range(size))
+        rng.shuffle(fresh)
+        order += fresh
+    rows = torch.tensor(order[:count])
+    del order[:count]
+    return rows
+
+
 def _mixed_batch(probe: Any, rows: torch.Tensor, anchor: Any, anchor_rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Probe rows then anchor rows, right-padded to one width (padding: mask 0, label -100)."""
     from splora_callback.data import IGNORE_INDEX
@@ -104,23 +116,12 @@ def one_shot_patch(
     steps = limit
     torch.manual_seed(seed)
     for step in range(1, limit + 1):
-        if len(order) < batch_size:
-            fresh = list(range(len(probe)))
-            order_rng.shuffle(fresh)
-            order += fresh
-        rows = torch.tensor(order[:batch_size])
-        del order[:batch_size]
+        rows = _next_rows(order, order_rng, len(probe), batch_size)
         if anchor is None:
             batch = {"input_ids": probe.input_ids[rows], "attention_mask": probe.attention_mask[rows],
                      "labels": probe.labels[rows]}
         else:
-            while len(anchor_order) < anchors:
-                fresh = list(range(len(anchor)))
-                anchor_rng.shuffle(fresh)
-                anchor_order += fresh
-            anchor_rows = torch.tensor(anchor_order[:anchors])
-            del anchor_order[:anchors]
-            batch = _mixed_batch(probe, rows, anchor, anchor_rows)
+            batch = _mixed_batch(probe, rows, anchor, _next_rows(anchor_order, anchor_rng, len(anchor), anchors))
         model.train()
         loss = model(**batch).loss
         loss.backward()

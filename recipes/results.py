@@ -46,6 +46,13 @@ def selected_words(selected: Any, config: dict[str, Any]) -> str:
     return f"{len(selected or [])} layer{'s' if len(selected or []) != 1 else ''}"
 
 
+def callback_choice(callback: dict[str, Any]) -> Any:
+    """The callback's end-of-training choice from results.json's ``callback`` record: the action's
+    ``{layer: [component indices]}`` when it acted on components (the report's ``selected`` names
+    only their layers), else ``selected``."""
+    return (callback.get("action") or {}).get("components") or callback["selected"]
+
+
 def sweep_label(row: dict[str, Any]) -> str:
     """The sweep's fraction, or ``own stop`` for a rule that chooses its own count (the measured
     repair, a budget): the fraction does not change what it acts on."""
@@ -483,7 +490,7 @@ def results_markdown(payload: dict[str, Any]) -> str:
         f"{premise['aligned']['refusal_rate']:.3f} -> {premise['lora']['refusal_rate']:.3f}.",
         "",
         f"The callback (metric `{chosen.get('metric')}`, select `{chosen.get('select')}`, action "
-        f"`{chosen.get('action')}`) chose {selected_words(callback['selected'], chosen)} at the end of training: "
+        f"`{chosen.get('action')}`) chose {selected_words(callback_choice(callback), chosen)} at the end of training: "
         "`adapter/` is "
         "that adapter, `adapter-lora/` the unpruned one, `splora_report.html` (or the W&B run) the drift dashboard.",
         "",

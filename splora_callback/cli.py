@@ -290,6 +290,9 @@ def why_nothing_selected(args: argparse.Namespace, scores: LayerScores) -> str:
     if getattr(args, "select", None) or getattr(args, "rule", None):
         return f"Nothing selected: the rule {getattr(args, 'select', None) or args.rule!r} chose no unit of this adapter."
     if getattr(args, "restore", None) is not None:
+        if rule_options(getattr(args, "rule_option", None) or []).get("stop") == "refusal_rate":
+            return (f"Nothing selected: the adapter's refusal rate on the probe's prompts already reaches --restore "
+                    f"{args.restore} of the way to the aligned model's; there is nothing to repair.")
         return (f"Nothing selected: the adapter's refusal loss on the probe is already within --restore "
                 f"{args.restore} of the aligned model's; there is nothing to repair.")
     if getattr(args, "budget", None) is not None:

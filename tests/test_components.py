@@ -468,6 +468,19 @@ def test_cli_prunes_components_with_both_probes(tmp_path):
     pruned = sum(4 - update.rank for update in lora_updates_from_adapter(tmp_path / "restored")[0])
     assert pruned == int(stop[1]) and f"{stop[1]} rank-one components in" in restored.stdout
     assert "--restore 0.8" in (tmp_path / "restored" / "README.md").read_text()
+    # --rule-option: the refusal-rate stop, end to end (it generates with ALIGNED's tokenizer). These tiny
+    # models refuse none of the probe's prompts, so the aligned rate, the target and the removal are all 0
+    rate = splora("prune", str(adapter_dir), "--probe-prompts", str(tmp_path / "probe.jsonl"), "--utility-examples",
+                  str(tmp_path / "task.jsonl"), "--granularity", "component", "--restore", "0.9", "--rule-option",
+                  "stop=refusal_rate", "--rule-option", "trim=2", "--output", str(tmp_path / "rate"), timeout=300)
+    assert re.search(r"measured stop: 0 of \d+ component units \(refusal restored\); refusal rate on the probe's "
+                     r"prompts 0\.000 -> 0\.000, target 0\.000 \(aligned model 0\.000\)", rate.stderr), rate.stderr[-2000:]
+    assert rate.returncode == 2 and "refusal rate on the probe's prompts already reaches --restore 0.9" in rate.stderr
+    assert not (tmp_path / "rate").exists() and (adapter_dir / "adapter_model.safetensors").read_bytes() == before
+    unknown = splora("prune", str(adapter_dir), "--probe-prompts", str(tmp_path / "probe.jsonl"), "--utility-examples",
+                     str(tmp_path / "task.jsonl"), "--restore", "0.9", "--rule-option", "stpo=refusal_rate",
+                     "--output", str(tmp_path / "y"), timeout=300)
+    assert unknown.returncode == 2 and "--rule-option stpo" in unknown.stderr and not (tmp_path / "y").exists()
     mixed = splora("prune", str(adapter_dir), "--probe-prompts",
          str(tmp_path / "probe.jsonl"), "--restore", "0.8", "--top-k", "2", "--output", str(tmp_path / "z"), timeout=300)
     assert mixed.returncode == 2 and "--restore measures its own number of units: drop --top-k" in mixed.stderr

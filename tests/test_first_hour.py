@@ -305,6 +305,11 @@ def test_results_count_the_unit_acted_on_and_a_rule_with_its_own_stop_has_no_fra
     assert results.selected_words({"l0.q_proj": [0, 1]}, {"granularity": "component"}) == \
         "2 rank-one components of 1 layer"
     assert results.selected_words(["l0.q_proj"], {"granularity": "layer"}) == "1 layer"
+    # results.json's callback record: the report's `selected` names layers, the action holds the components
+    callback = {"selected": ["l0.q_proj", "l1.v_proj"], "action": {"components": {"l0.q_proj": [0, 1], "l1.v_proj": [3]}}}
+    assert results.selected_words(results.callback_choice(callback), {"granularity": "component"}) == \
+        "3 rank-one components of 2 layers"
+    assert results.callback_choice({"selected": ["l0.q_proj"], "action": {"action": "prune"}}) == ["l0.q_proj"]
 
 
 def test_the_wheel_and_sdist_declare_the_license_file():

@@ -17,8 +17,8 @@ import finetune  # noqa: E402
 CANDIDATES = ["component_repair", "rate_repair", "rate_repair_guard", "one_shot_patch", "anchored_patch", "gates",
               "safe_delta"]
 OVERRIDES = [
-    f"evaluation.rules=[{', '.join(CANDIDATES)}]",
-    "evaluation.controls=[rate_repair]",
+    f"evaluation.rules=[ediem, {', '.join(CANDIDATES)}]",
+    "evaluation.controls=[ediem, rate_repair]",
     "evaluation.fractions=[0.25]",
     "evaluation.one_shot_patch={lr: 1.0e-3, batch_size: 4, steps: 1}",
     "evaluation.anchored_patch={lr: 1.0e-3, batch_size: 4, anchors: 2, steps: 1}",
@@ -33,13 +33,21 @@ def test_the_study_candidates_run_end_to_end_on_the_tiny_recipe(tmp_path, monkey
     results = finetune.main([config, "--override", *OVERRIDES])
     rules = {row["rule"] for row in results["rows"]}
     assert set(CANDIDATES) <= rules
-    own = next(row for row in results["rows"] if row["rule"] == "rate_repair" and not row.get("control"))
-    controls = [row for row in results["rows"] if row["rule"] == "rate_repair" and row.get("control")]
-    assert len(controls) == (3 if own["n_layers"] else 0)  # a kind-matched control per seed, when it removed any
     saved = json.loads((tmp_path / "outputs" / "tiny-test" / "results.json").read_text())
     traces = saved["repair_traces"]
-    assert traces["rate_repair"]["stop"] == "refusal_rate"
-    assert traces["rate_repair"]["aligned"]["refusal_rate"] is not None
+
+    def rows(rule: str, control: bool) -> list[dict]:
+        return [row for row in results["rows"] if row["rule"] == rule and bool(row.get("control")) == control]
+
+    # a rule that acts gets a kind-matched control per seed
+    assert rows("ediem", False)[0]["n_layers"] > 0 and len(rows("ediem", True)) == 3
+    # the tiny models refuse none of the probe's prompts (and the tiny LoRA does not raise the refusal loss), so
+    # both stops' targets are met by removing nothing, and a control of an empty removal is not drawn
+    loss = traces["component_repair"]
+    assert loss["measurements"][0]["loss"] <= loss["target"] and rows("component_repair", False)[0]["n_layers"] == 0
+    rate = traces["rate_repair"]
+    assert rate["stop"] == "refusal_rate" and rate["aligned"]["refusal_rate"] == 0.0 == rate["target"]
+    assert rows("rate_repair", False)[0]["n_layers"] == 0 and rows("rate_repair", True) == []
     guard = traces["rate_repair_guard"]
     assert guard["over_refusal_limit"] == guard["aligned"]["over_refusal"] + 0.05
     baselines = saved["baselines"]
