@@ -239,6 +239,13 @@ def write_report(root: Path, settings: Sequence[str], seeds: Sequence[int], resu
                   f"harmful, {prompts['benign']} benign, {prompts['task']} task examples.", "",
                   setting_table(summary), "", target_table(summary), "", *_interval_note(summary),
                   f"![safety-utility, setting {setting}](efficacy-{setting}.png)", ""]
+    study["default_ranking"] = default_ranking(study)
+    parts += ["## Which rule becomes the default (issue 27's order)", "",
+              "Every replication of every setting pooled: replications meeting the target, then refusal restored "
+              "per task lost (mean restored share / mean relative ROUGE-L loss; inf where the loss is <= 0), then "
+              "fewer probe passes (generations or forward passes of the stop, mean per replication). Only a library "
+              "rule (one `SPLoRAConfig(select=...)` can take) can become the default.", "",
+              ranking_table(study["default_ranking"]), ""]
     (results_dir / "efficacy.json").write_text(json.dumps(study, indent=1))
     (results_dir / "efficacy-summary.md").write_text(summary_table(study) + "\n")
     (results_dir / "efficacy.md").write_text("\n".join(parts))
@@ -266,4 +273,66 @@ def summary_table(study: dict[str, Any]) -> str:
                 beats = meets = ""
             lines.append(f"| {setting} | {entry['label']} | {_spread(entry['refusal_rate'])} | "
                          f"{_spread(entry['over_refusal_rate'])} | {_spread(entry['rougeL'])} | {beats} | {meets} |")
+    return "\n".join(lines)
+
+
+def _passes(trace: dict[str, Any] | None) -> int | None:
+    """Probe passes of a measured stop's trace, as ``RepairTrace.passes`` counts them (the aligned
+    model's references and a number taken from the scores not counted)."""
+    if not trace:
+        return None
+    return sum(measured.get("from") != "scores" for measured in trace["measurements"])
+
+
+def default_ranking(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every evaluated rule over all replications of all settings, in the order issue 27 picks the
+    default by: replications meeting the target (most first), then mean restored share per unit of
+    mean relative ROUGE-L loss (most first; inf where the mean loss is <= 0), then mean probe passes
+    of the stop (fewest first; rules without a measured stop last among equals)."""
+    pooled: dict[str, dict[str, Any]] = {}
+    for summary in study["settings"].values():
+        traces = summary.get("repair_traces") or {}
+        for entry in summary["entries"]:
+            if entry["rule"] not in RULES:
+                continue
+            row = pooled.setdefault(entry["rule"], {"rule": entry["rule"], "label": entry["label"],
+                                                    "library": RULES[entry["rule"]].rule is not None,
+                                                    "checks": [], "passes": []})
+            row["checks"] += list(entry["checks"].values())
+            row["passes"] += [_passes((traces.get(seed) or traces.get(str(seed)) or {}).get(entry["rule"]))
+                              for seed in entry["replications"]]
+    ranking = []
+    for row in pooled.values():
+        checks = row.pop("checks")
+        restored = [c["restored_share"] for c in checks if c["restored_share"] is not None]
+        losses = [c["rougeL_relative_loss"] for c in checks if c["rougeL_relative_loss"] is not None]
+        passes = [p for p in row.pop("passes") if p is not None]
+        mean_restored = statistics.fmean(restored) if restored else None
+        mean_loss = statistics.fmean(losses) if losses else None
+        per_loss = None
+        if mean_restored is not None and mean_loss is not None:
+            per_loss = float("inf") if mean_loss <= 0 else mean_restored / mean_loss
+        ranking.append({**row, "replications": len(checks), "meets_target": sum(c["meets_target"] for c in checks),
+                        "restored_share": mean_restored, "rougeL_relative_loss": mean_loss,
+                        "restored_per_loss": per_loss, "passes": statistics.fmean(passes) if passes else None})
+    ranking.sort(key=lambda r: (-r["meets_target"], -(r["restored_per_loss"] if r["restored_per_loss"] is not None
+                                                       else float("-inf")),
+                                r["passes"] if r["passes"] is not None else float("inf"), r["rule"]))
+    return ranking
+
+
+def ranking_table(ranking: Sequence[dict[str, Any]]) -> str:
+    """:func:`default_ranking` as markdown; the first library rule is marked as the default's pick."""
+    lines = ["| rank | rule | library rule | meets target | restored (mean) | ROUGE-L loss (mean) | restored per loss "
+             "| stop's probe passes (mean) |", "|" + "---|" * 8]
+    pick = next((row["rule"] for row in ranking if row["library"]), None)
+    for rank, row in enumerate(ranking, 1):
+        restored = "-" if row["restored_share"] is None else f"{100 * row['restored_share']:.0f} %"
+        loss = "-" if row["rougeL_relative_loss"] is None else f"{100 * row['rougeL_relative_loss']:.1f} %"
+        per_loss = "-" if row["restored_per_loss"] is None else (
+            "inf" if row["restored_per_loss"] == float("inf") else f"{row['restored_per_loss']:.1f}")
+        passes = "-" if row["passes"] is None else f"{row['passes']:.1f}"
+        name = f"**{row['label']}** (the pick)" if row["rule"] == pick else row["label"]
+        lines.append(f"| {rank} | {name} | {'yes' if row['library'] else 'no'} | {row['meets_target']} of "
+                     f"{row['replications']} | {restored} | {loss} | {per_loss} | {passes} |")
     return "\n".join(lines)

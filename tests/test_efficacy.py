@@ -191,3 +191,34 @@ def test_results_markdown_task_loss_section_only_with_per_example_scores():
     assert section and "paired bootstrap 95 % interval (2000 resamples)" in section[0]
     assert "| component repair | - | 0.490 | 2.0 % [" in section[2]
     assert results._task_loss_section(_paired_rows(per_example=False)) == []
+
+
+def test_default_ranking_follows_the_issue_s_order():
+    """Replications meeting the target first, then restored share per task lost, then fewer probe passes;
+    the pick is the first library rule (a baseline such as the patch can lead the table, never be the pick)."""
+    report = _report()
+    rows = _paired_rows()
+    lora = rows[1]["rougeL_per_example"]
+    worse = [score - (0.08 if i % 4 == 0 else 0.0) for i, score in enumerate(lora)]  # 4 % loss, restored the same
+    patch = [score + 0.01 for score in lora]  # no task loss at all
+    rows += [_row("rate_repair", statistics.fmean(worse), 0.9, worse),
+             _row("rate_repair", statistics.fmean(lora) - 0.2, 0.3, [s - 0.2 for s in lora], control="kind-matched", seed=0),
+             _row("rate_repair_no_trim", statistics.fmean(worse), 0.9, worse),
+             _row("rate_repair_no_trim", statistics.fmean(lora) - 0.2, 0.3, [s - 0.2 for s in lora], control="kind-matched",
+                  seed=0),
+             _row("anchored_patch", statistics.fmean(patch), 0.9, patch, over=0.5)]  # over-refuses: misses the target
+    cell = _cell(rows)
+    trace = {"measurements": [{"probe": "refusal_rate", "count": 0, "from": "before the search"}]
+             + [{"probe": "refusal_rate", "count": n} for n in range(1, 11)]}
+    cell["repair_traces"] = {"rate_repair": trace, "rate_repair_no_trim": {**trace, "measurements": trace["measurements"][:5]}}
+    summary = report.setting_summary({0: cell})
+    ranking = report.default_ranking({"settings": {"a": summary}})
+    assert [row["rule"] for row in ranking] == ["component_repair", "rate_repair_no_trim", "rate_repair", "anchored_patch"]
+    first, no_trim, rate, patch_row = ranking
+    assert first["meets_target"] == 1 and first["passes"] is None and first["library"]
+    assert rate["meets_target"] == no_trim["meets_target"] == 1  # 4 % loss: within the target
+    assert rate["restored_per_loss"] == pytest.approx(no_trim["restored_per_loss"]) and (rate["passes"], no_trim["passes"]) == (11, 5)
+    assert patch_row["meets_target"] == 0 and patch_row["restored_per_loss"] == float("inf") and not patch_row["library"]
+    table = report.ranking_table(ranking)
+    assert "| 1 | **component repair** (the pick) | yes | 1 of 1 |" in table and "| 4 | anchored patch | no | 0 of 1 |" in table
+    assert "| inf |" in table
