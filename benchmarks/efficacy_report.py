@@ -253,7 +253,7 @@ def write_report(root: Path, settings: Sequence[str], seeds: Sequence[int], resu
 
 
 SUMMARY_RULES = ("aligned", "lora", "ediem", "cosine", "probe", "component_budget", "component_repair", "rate_repair",
-                 "rate_repair_guard", "one_shot_patch", "anchored_patch", "gates", "safe_delta")
+                 "rate_repair_guard", "one_shot_patch", "anchored_patch", "rate_patch", "gates", "safe_delta")
 
 
 def summary_table(study: dict[str, Any]) -> str:

@@ -122,24 +122,26 @@ def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: A
     their records. Anchors and the gates' benign term: the guard's benign requests (never aligned
     on, never evaluated) answered by the trained LoRA itself."""
     records: dict[str, Any] = {}
-    wanted = set(spec.rules) & {"anchored_patch", "gates", "safe_delta"}
+    wanted = set(spec.rules) & {"anchored_patch", "rate_patch", "gates", "safe_delta"}
     if not wanted:
         return records
     anchors = None
-    if wanted & {"anchored_patch", "gates"}:
+    if wanted & {"anchored_patch", "rate_patch", "gates"}:
         from demo_data import BENIGN_PROBE_REQUESTS
         from one_shot_patch import lora_anchor_pairs
 
         with stage("anchor pairs (benign requests, the LoRA's own answers)", timings):
             anchors = lora_anchor_pairs(template, tokenizer, BENIGN_PROBE_REQUESTS, max_new_tokens=spec.task_max_new_tokens,
                                         batch_size=len(BENIGN_PROBE_REQUESTS))
-    if "anchored_patch" in wanted:
-        from one_shot_patch import one_shot_patch
+    for rule, what in (("anchored_patch", "anchored one-shot patch (probe pairs + benign anchors)"),
+                       ("rate_patch", "anchored patch, refusal-rate stop (greedy answers to the probe's prompts)")):
+        if rule in wanted:
+            from one_shot_patch import one_shot_patch
 
-        with stage("anchored one-shot patch (probe pairs + benign anchors)", timings):
-            built["anchored_patch"], records["anchored_patch"] = one_shot_patch(
-                template, probe, spec.anchored_patch, context["target"], config["seed"], anchor_pairs=anchors,
-                tokenizer=tokenizer, anchor_max_length=int(config["probe"]["max_length"]))
+            with stage(what, timings):
+                built[rule], records[rule] = one_shot_patch(
+                    template, probe, getattr(spec, rule), context["target"], config["seed"], anchor_pairs=anchors,
+                    tokenizer=tokenizer, anchor_max_length=int(config["probe"]["max_length"]))
     if "gates" in wanted:
         from recipe_sections import GatesSection
         from variants import lora_copy
@@ -213,7 +215,7 @@ def run_evaluation(
 
         context["benign_probe"] = list(BENIGN_PROBE_REQUESTS)
     patched, patch = None, None
-    if any(rule.needs_model or rule.action in ("patch", "anchored_patch") for rule in rules):
+    if any(rule.needs_model or rule.action in ("patch", "anchored_patch", "rate_patch") for rule in rules):
         from splora_callback.safety import aligned_refusal_loss
 
         measured = (callback_report.get("safety") or {}).get("aligned_refusal_loss")

@@ -11,12 +11,18 @@ Anchored patch (``anchors: n`` > 0): each batch also holds ``n`` benign anchor p
 requests answered by the trained LoRA model itself (:func:`lora_anchor_pairs`), so the patch learns
 to refuse the probe's prompts without learning to refuse everything; ``anchors: 0`` is the plain
 patch, step for step the same as before the option existed.
+
+Refusal-rate stop (``stop: refusal_rate``, issue 27): no calibration, no frozen count. After each
+step the patched model answers the probe's own harmful prompts greedily (the evaluation's
+generation and keyword judge, never a held-out prompt) and the patch stops at the first step whose
+refusal rate closes ``restore`` of the gap between the trained LoRA's rate and the aligned
+model's (adapters disabled): the behavioural stop of the component repair, applied to the patch.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +73,7 @@ def _mixed_batch(probe: Any, rows: torch.Tensor, anchor: Any, anchor_rows: torch
 def one_shot_patch(
     template: Any, probe: Any, spec: OneShotPatchSection, target: float, seed: int, *,
     anchor_pairs: Sequence[tuple[str, str]] | None = None, tokenizer: Any = None, anchor_max_length: int = 256,
+    measure_rate: Callable[[Any], float] | None = None,
 ) -> tuple[Any, dict]:
     """The patched LoRA model and a record of the patch (steps, refusal loss after each step).
 
@@ -84,12 +91,18 @@ def one_shot_patch(
         tokenizer: tokenizes ``anchor_pairs`` (``ProbeSet.from_pairs``: the chat template, the
             probe's own rendering); needed with anchors.
         anchor_max_length: token cap of an anchor pair (the probe's ``max_length``).
+        measure_rate: ``model -> share of the probe's prompts refused`` for ``spec.stop`` =
+            ``"refusal_rate"`` (default: greedy ``spec.max_new_tokens`` tokens of every
+            ``probe.prompts``, keyword judge, with ``tokenizer``).
 
     The record gains ``anchors``, ``anchor_pairs`` and ``anchor_loss`` (before / after, nats, eval
-    mode) only with anchors: the plain patch's record is as before.
+    mode) only with anchors, and ``stop``, ``restore``, ``aligned_refusal_rate``,
+    ``target_refusal_rate`` and ``refusal_rate_by_step`` (step 0 = the trained LoRA) only with the
+    refusal-rate stop: the plain patch's record is as before.
 
     Raises:
-        ValueError: ``spec.anchors`` > 0 without ``anchor_pairs`` or ``tokenizer``.
+        ValueError: ``spec.anchors`` > 0 without ``anchor_pairs`` or ``tokenizer``; the refusal-rate
+            stop without a tokenizer or the probe's prompts (and no ``measure_rate``).
     """
     from splora_callback.probe import ProbeSet
     from splora_callback.teacher_forced import probe_loss
@@ -104,6 +117,16 @@ def one_shot_patch(
                                      batch_size=probe.batch_size)
     fixed = spec.steps
     limit = int(fixed if fixed is not None else spec.max_steps)
+    by_rate = spec.stop == "refusal_rate"
+    if by_rate and measure_rate is None:
+        if tokenizer is None or not getattr(probe, "prompts", None):
+            raise ValueError("one_shot_patch: stop=refusal_rate answers the probe's own prompts: it needs the tokenizer "
+                             "and a probe with prompts (SafetyProbe.from_prompts).")
+        from splora_callback.safety import refusal_rate_now
+
+        def measure_rate(model: Any) -> float:
+            return refusal_rate_now(model, tokenizer, probe.prompts, int(spec.max_new_tokens),
+                                    batch_size=len(probe.prompts))
     model, trainable = lora_copy(template)
     for parameter in trainable:
         parameter.requires_grad_(True)
@@ -114,6 +137,17 @@ def one_shot_patch(
     losses = [probe_loss(probe, model)]
     anchor_losses = [probe_loss(anchor, model)] if anchor is not None else []
     steps = limit
+    rates: list[float] = []
+    if by_rate:
+        from splora_callback.safety import adapters_disabled
+
+        model.eval()
+        with adapters_disabled(model):
+            aligned_rate = measure_rate(model)
+        rates.append(measure_rate(model))
+        rate_target = rates[0] + float(spec.restore) * max(aligned_rate - rates[0], 0.0)
+        limit = 0 if rates[0] >= rate_target - 1e-9 else limit  # nothing to restore: the LoRA as trained
+        steps = limit
     torch.manual_seed(seed)
     for step in range(1, limit + 1):
         rows = _next_rows(order, order_rng, len(probe), batch_size)
@@ -129,12 +163,17 @@ def one_shot_patch(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
-        if fixed is None:  # calibration: measure every step, stop at the first that reaches the target
+        if by_rate:  # the refusal-rate stop: the first step whose probe refusal rate reaches the target
+            rates.append(measure_rate(model))
+            if rates[-1] >= rate_target - 1e-9:
+                steps = step
+                break
+        elif fixed is None:  # calibration: measure every step, stop at the first that reaches the target
             losses.append(probe_loss(probe, model))
             if losses[-1] <= target:
                 steps = step
                 break
-    if fixed is not None:
+    if fixed is not None or by_rate:
         losses.append(probe_loss(probe, model))
     for parameter in trainable:
         parameter.requires_grad_(False)
@@ -145,11 +184,15 @@ def one_shot_patch(
         "reached_target": losses[-1] <= target,
         "target_refusal_loss": target,
         "refusal_loss": {"before": losses[0], "after": losses[-1]},
-        "refusal_loss_by_step": losses if fixed is None else None,  # measured only when calibrating
+        "refusal_loss_by_step": losses if fixed is None and not by_rate else None,  # measured only when calibrating
         "lr": float(spec.lr),
         "batch_size": batch_size,
         "pairs": len(probe),
     }
+    if by_rate:
+        record.update(calibrated=False, reached_target=rates[-1] >= rate_target - 1e-9, stop="refusal_rate",
+                      restore=float(spec.restore), aligned_refusal_rate=aligned_rate, target_refusal_rate=rate_target,
+                      refusal_rate_by_step=rates)
     if anchor is not None:
         anchor_losses.append(probe_loss(anchor, model))
         record.update(anchors=anchors, anchor_pairs=len(anchor),

@@ -41,6 +41,9 @@ class OneShotPatchSection:
     ``anchors``: benign anchor pairs (benign requests with the LoRA model's own answers, passed by
     the caller as ``anchor_pairs``) mixed into each batch besides ``batch_size`` probe pairs, so the
     patch keeps answering benign requests; 0 (default): refusal pairs only, as before.
+    ``stop``: ``refusal_loss`` (fixed ``steps``, or calibrated on the refusal loss) or
+    ``refusal_rate`` (per model: the first step whose refusal rate on the probe's own prompts closes
+    ``restore`` of the gap to the aligned model's, at most ``max_steps``; ``max_new_tokens`` judged).
     """
 
     lr: float
@@ -48,10 +51,19 @@ class OneShotPatchSection:
     steps: int | None = None  # None: calibrate, up to max_steps
     max_steps: int | None = None
     anchors: int = 0
+    stop: str = "refusal_loss"
+    restore: float = 0.9
+    max_new_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_steps is None:
             raise ValueError("config: evaluation.one_shot_patch needs steps (fixed) or max_steps (steps: null calibrates)")
+        if self.stop not in ("refusal_loss", "refusal_rate"):
+            raise ValueError(f"config: evaluation.<patch>.stop={self.stop!r}: expected refusal_loss or refusal_rate")
+        if self.stop == "refusal_rate" and (self.steps is not None or not self.max_steps):
+            raise ValueError("config: evaluation.<patch>.stop=refusal_rate stops per model: set max_steps and steps: null")
+        if not 0 < self.restore <= 1:
+            raise ValueError(f"config: evaluation.<patch>.restore={self.restore!r} must be in (0, 1]")
         if isinstance(self.anchors, bool) or not isinstance(self.anchors, int) or self.anchors < 0:
             raise ValueError(f"config: evaluation.one_shot_patch.anchors={self.anchors!r} must be an integer >= 0 "
                              "(benign anchor pairs per batch; 0: none)")
@@ -113,15 +125,20 @@ class EvaluationSection:
     utility_batch_size: int = 10
     one_shot_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
     anchored_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
+    rate_patch: OneShotPatchSection | None = section(OneShotPatchSection, default=None)
     gates: GatesSection | None = section(GatesSection, default=None)
     safe_delta: SafeDeltaSection | None = section(SafeDeltaSection, default=None)
 
     def __post_init__(self) -> None:
-        for rule in ("one_shot_patch", "anchored_patch"):
+        for rule in ("one_shot_patch", "anchored_patch", "rate_patch"):
             if rule in self.rules and getattr(self, rule) is None:
                 raise ValueError(f"config: evaluation.rules has {rule}; set evaluation.{rule} (lr, batch_size, steps)")
-        if "anchored_patch" in self.rules and not self.anchored_patch.anchors:
-            raise ValueError("config: evaluation.anchored_patch.anchors must be >= 1 (benign anchor pairs per batch)")
+        for rule in ("anchored_patch", "rate_patch"):
+            if rule in self.rules and not getattr(self, rule).anchors:
+                raise ValueError(f"config: evaluation.{rule}.anchors must be >= 1 (benign anchor pairs per batch)")
+        if "rate_patch" in self.rules and self.rate_patch.stop != "refusal_rate":
+            raise ValueError("config: evaluation.rate_patch.stop must be refusal_rate (the anchored patch stopped on the "
+                             "probe's refusal rate)")
 
 
 # What each source of data.task / data.harmful reads besides the counts and the seed.

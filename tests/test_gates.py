@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -313,6 +314,51 @@ def test_anchors_need_pairs_and_a_count(patch_setup):
     read = read_section("evaluation.one_shot_patch", {"lr": 1e-3, "batch_size": 4, "steps": 2, "anchors": 3},
                         OneShotPatchSection)
     assert read.anchors == 3
+
+
+def test_rate_stopped_patch_stops_at_the_first_step_reaching_the_rate_and_is_that_fixed_patch(patch_setup):
+    """stop=refusal_rate: the first step whose probe refusal rate closes `restore` of the gap to the
+    aligned model's (adapters disabled, measured first); the model is the fixed-step patch of that
+    many steps, bit for bit; nothing to restore: no step, the LoRA as trained."""
+    import one_shot_patch as patch_module
+    from recipe_sections import OneShotPatchSection
+
+    template, tokenizer, probe, benign = patch_setup
+    before = _weights(template)
+    spec = OneShotPatchSection(lr=1e-2, batch_size=2, max_steps=6, anchors=2, stop="refusal_rate", restore=0.9)
+    readings = iter([1.0, 0.0, 0.3, 0.95, 1.0])  # aligned, the LoRA, after step 1, 2, 3
+    model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
+                                                tokenizer=tokenizer, anchor_max_length=64,
+                                                measure_rate=lambda m: next(readings))
+    assert record["steps"] == 2 and record["refusal_rate_by_step"] == [0.0, 0.3, 0.95]
+    assert record["aligned_refusal_rate"] == 1.0 and record["target_refusal_rate"] == pytest.approx(0.9)
+    assert record["reached_target"] and record["stop"] == "refusal_rate" and record["refusal_loss_by_step"] is None
+    fixed, _ = patch_module.one_shot_patch(template, probe, OneShotPatchSection(lr=1e-2, batch_size=2, steps=2, anchors=2),
+                                           0.0, seed=1, anchor_pairs=benign, tokenizer=tokenizer, anchor_max_length=64)
+    for name, weight in _weights(model).items():
+        assert torch.equal(weight, _weights(fixed)[name]), name
+    assert all(torch.equal(p, before[name]) for name, p in template.named_parameters())
+    # never reached: every step taken, recorded as missed
+    model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
+                                                tokenizer=tokenizer, anchor_max_length=64,
+                                                measure_rate=lambda m, r=iter([1.0] + [0.1] * 7): next(r))
+    assert record["steps"] == 6 and len(record["refusal_rate_by_step"]) == 7 and not record["reached_target"]
+    # the LoRA already refuses as much as the aligned model: no step
+    model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
+                                                tokenizer=tokenizer, anchor_max_length=64, measure_rate=lambda m: 0.5)
+    assert record["steps"] == 0 and record["reached_target"]
+    for name, weight in _weights(model).items():
+        assert torch.equal(weight, before[name]), name
+    # the real measurement: greedy answers to the probe's prompts (the tiny models refuse none: no step)
+    _, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign, tokenizer=tokenizer)
+    assert record["aligned_refusal_rate"] == 0.0 and record["refusal_rate_by_step"] == [0.0] and record["steps"] == 0
+    with pytest.raises(ValueError, match="needs the tokenizer and a probe with prompts"):
+        patch_module.one_shot_patch(template, dataclasses.replace(probe, prompts=None), spec, 0.0, seed=1,
+                                    anchor_pairs=benign, tokenizer=tokenizer)
+    for bad, match in [({"steps": 3}, "set max_steps and steps: null"), ({"stop": "loss"}, "stop='loss'"),
+                       ({"restore": 1.5}, "restore=1.5")]:
+        with pytest.raises(ValueError, match=match):
+            OneShotPatchSection(**{"lr": 1e-2, "batch_size": 2, "max_steps": 6, "stop": "refusal_rate", **bad})
 
 
 def test_lora_anchor_pairs_are_the_models_own_answers(patch_setup):

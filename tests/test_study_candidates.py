@@ -14,14 +14,15 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import evaluation_run  # noqa: E402
 import finetune  # noqa: E402
 
-CANDIDATES = ["component_repair", "rate_repair", "rate_repair_guard", "one_shot_patch", "anchored_patch", "gates",
-              "safe_delta"]
+CANDIDATES = ["component_repair", "rate_repair", "rate_repair_guard", "one_shot_patch", "anchored_patch", "rate_patch",
+              "gates", "safe_delta"]
 OVERRIDES = [
     f"evaluation.rules=[ediem, {', '.join(CANDIDATES)}]",
     "evaluation.controls=[ediem, rate_repair]",
     "evaluation.fractions=[0.25]",
     "evaluation.one_shot_patch={lr: 1.0e-3, batch_size: 4, steps: 1}",
     "evaluation.anchored_patch={lr: 1.0e-3, batch_size: 4, anchors: 2, steps: 1}",
+    "evaluation.rate_patch={lr: 1.0e-3, batch_size: 4, anchors: 2, stop: refusal_rate, max_steps: 2}",
     "evaluation.gates={steps: 2, lr: 0.05}",
     "evaluation.safe_delta={scales: [0.1, 10.0]}",
 ]
@@ -53,6 +54,8 @@ def test_the_study_candidates_run_end_to_end_on_the_tiny_recipe(tmp_path, monkey
     baselines = saved["baselines"]
     assert baselines["anchored_patch"]["anchors"] == 2 and baselines["anchored_patch"]["steps"] == 1
     assert len(baselines["gates"]["losses"]) == 3 and baselines["gates"]["components"] > 0
+    rate_patch = baselines["rate_patch"]  # nothing refused by the tiny models: the stop takes no step
+    assert rate_patch["stop"] == "refusal_rate" and rate_patch["steps"] == 0 and rate_patch["refusal_rate_by_step"] == [0.0]
     delta = baselines["safe_delta"]
     assert delta["scale"] in (0.1, 10.0) and [trial["scale"] for trial in delta["trials"]][0] == 0.1
     assert 0 <= delta["kept_share"] <= 1 and delta["dense"] is True
