@@ -276,7 +276,7 @@ def test_overrides_inherit_and_errors(tmp_path):
         ("report_to=wandb", r"'report_to' is now training_args.report_to"),
         ("evaluation.fractons=[0.5]", r"evaluation.fractons is not a field of EvaluationSection; did you mean fractions"),
         ("evaluation.one_shot_patch.step=3",
-         r"evaluation.one_shot_patch.step is not a field of OneShotPatchSection; did you mean steps, max_steps"),
+         r"evaluation.one_shot_patch.step is not a field of OneShotPatchSection; did you mean steps, stop, max_steps"),
         ("data.task.train_sample=3", r"data.task.train_sample is not a field of TaskSection; did you mean train_samples"),
         ("data.max_lenght=3", r"data.max_lenght is not a field of DataSection; did you mean max_length"),
         ("probe.batchsize=3", r"probe.batchsize is not a field of ProbeSection; did you mean batch_size"),
