@@ -142,8 +142,8 @@ def setting_summary(cells: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def setting_table(summary: dict[str, Any]) -> str:
-    """One line per rule: mean [min, max] over replications; controls pooled; wins; target."""
-    reps = len(summary["replications"])
+    """One line per rule: mean [min, max] over replications; controls pooled; wins; target (out of
+    the replications the rule ran in: a rule added to the study later has fewer)."""
     lines = [
         "| rule | units removed | refusal | over-refusal | ROUGE-L | kind-matched random: refusal / ROUGE-L "
         "(/ over-refusal where measured) "
@@ -155,6 +155,7 @@ def setting_table(summary: dict[str, Any]) -> str:
         cells = [entry["label"], _spread(entry["n_layers"], 0), _spread(entry["refusal_rate"]),
                  _spread(entry["over_refusal_rate"]), _spread(entry["rougeL"])]
         if entry["rule"] in RULES:
+            reps = len(entry["checks"])
             matched, uniform = entry["kind-matched"], entry["uniform"]
             over = [value for value in matched["over_refusal_rate"] if value is not None]
             over = f" / {_spread(over)}" if over and len(over) == matched["seeds"] else ""  # every control measured
@@ -261,11 +262,11 @@ def summary_table(study: dict[str, Any]) -> str:
     lines = ["| setting | model | refusal | over-refusal | ROUGE-L | beats kind-matched / uniform | meets target |",
              "|" + "---|" * 7]
     for setting, summary in study["settings"].items():
-        reps = len(summary["replications"])
         for entry in summary["entries"]:
             if entry["rule"] not in SUMMARY_RULES:
                 continue
             if entry["rule"] in RULES:
+                reps = len(entry["checks"])  # the replications the rule ran in
                 matched = f"{entry['beats_kind-matched']}" if entry["kind-matched"]["seeds"] else "-"
                 beats = f"{matched} / {entry['beats_uniform']} of {reps}"
                 meets = f"{sum(check['meets_target'] for check in entry['checks'].values())} of {reps}"

@@ -26,7 +26,7 @@ SMOKE = [  # cpu-demo-smoke.yaml's sizes, as overrides of every cell
     "splora.score_every_n_steps=2", "probe.batch_size=4", "evaluation.harmful_max_new_tokens=4",
     "evaluation.benign_max_new_tokens=4", "evaluation.task_max_new_tokens=8", "evaluation.random_seeds=[0]",
     "evaluation.benign_count=4", "evaluation.require_lora_effect=false", "evaluation.one_shot_patch.max_steps=2",
-    "evaluation.utility_examples=4",
+    "evaluation.anchored_patch.max_steps=2", "evaluation.rate_patch.max_steps=2", "evaluation.utility_examples=4",
 ]
 
 
@@ -222,3 +222,9 @@ def test_default_ranking_follows_the_issue_s_order():
     table = report.ranking_table(ranking)
     assert "| 1 | **component repair** (the pick) | yes | 1 of 1 |" in table and "| 4 | anchored patch | no | 0 of 1 |" in table
     assert "| inf |" in table
+    # a rule added after a replication was evaluated counts out of the replications it ran in
+    later = report.setting_summary({0: cell, 1: _cell(_paired_rows())})
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in report.setting_table(later).splitlines()}
+    assert lines["rate repair"].endswith("| 1 of 1 |") and lines["component repair"].endswith("| 2 of 2 |")
+    summary_lines = report.summary_table({"settings": {"a": later}}).splitlines()
+    assert any(line.startswith("| a | rate repair |") and line.endswith("| 1 of 1 |") for line in summary_lines)
