@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,13 +64,27 @@ def test_efficacy_configs_parse_with_known_rules(setting):
 
 
 @pytest.mark.slow
+def _driver(command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """The driver in its own process group: on a timeout, it and the recipe processes it started are
+    killed together (a plain ``subprocess.run`` timeout leaves the recipe running), then it fails."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the efficacy driver ran past {timeout} s:\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def test_efficacy_driver_smoke_real_model(tmp_path):
     """One cell of setting (a) at smoke size: trained, evaluated (every rule, its controls, the
     one-shot patch calibrated), reported; a second run finds everything cached."""
     command = [sys.executable, "benchmarks/efficacy.py", "--settings", "a", "--seeds", "0",
                "--root", str(tmp_path / "cells"), "--results", str(tmp_path / "report"), "--override", *SMOKE]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    first = _driver(command, env, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     cell = tmp_path / "cells" / "a" / "seed0"
     results = json.loads((cell / "results.json").read_text())
@@ -88,7 +103,7 @@ def test_efficacy_driver_smoke_real_model(tmp_path):
     study = json.loads((tmp_path / "report" / "efficacy.json").read_text())
     assert study["settings"]["a"]["replications"] == [0]
     stamp = (cell / "results.json").stat().st_mtime_ns
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    second = _driver(command, env, timeout=300)
     assert second.returncode == 0 and "train (load" not in second.stdout and "evaluate (load" not in second.stdout
     assert (cell / "results.json").stat().st_mtime_ns == stamp  # cached: nothing redone
 

@@ -339,9 +339,10 @@ def test_rate_stopped_patch_stops_at_the_first_step_reaching_the_rate_and_is_tha
         assert torch.equal(weight, _weights(fixed)[name]), name
     assert all(torch.equal(p, before[name]) for name, p in template.named_parameters())
     # never reached: every step taken, recorded as missed
+    missed = iter([1.0] + [0.1] * 7)
     model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
                                                 tokenizer=tokenizer, anchor_max_length=64,
-                                                measure_rate=lambda m, r=iter([1.0] + [0.1] * 7): next(r))
+                                                measure_rate=lambda m: next(missed))
     assert record["steps"] == 6 and len(record["refusal_rate_by_step"]) == 7 and not record["reached_target"]
     # the LoRA already refuses as much as the aligned model: no step
     model, record = patch_module.one_shot_patch(template, probe, spec, 0.0, seed=1, anchor_pairs=benign,
