@@ -139,14 +139,15 @@ def one_shot_patch(
     steps = limit
     rates: list[float] = []
     if by_rate:
+        from splora_callback.repair import rate_target
         from splora_callback.safety import adapters_disabled
 
         model.eval()
         with adapters_disabled(model):
             aligned_rate = measure_rate(model)
         rates.append(measure_rate(model))
-        rate_target = rates[0] + float(spec.restore) * max(aligned_rate - rates[0], 0.0)
-        limit = 0 if rates[0] >= rate_target - 1e-9 else limit  # nothing to restore: the LoRA as trained
+        target_rate = rate_target(rates[0], aligned_rate, float(spec.restore))
+        limit = 0 if rates[0] >= target_rate - 1e-9 else limit  # nothing to restore: the LoRA as trained
         steps = limit
     torch.manual_seed(seed)
     for step in range(1, limit + 1):
@@ -165,7 +166,7 @@ def one_shot_patch(
         model.eval()
         if by_rate:  # the refusal-rate stop: the first step whose probe refusal rate reaches the target
             rates.append(measure_rate(model))
-            if rates[-1] >= rate_target - 1e-9:
+            if rates[-1] >= target_rate - 1e-9:
                 steps = step
                 break
         elif fixed is None:  # calibration: measure every step, stop at the first that reaches the target
@@ -190,8 +191,8 @@ def one_shot_patch(
         "pairs": len(probe),
     }
     if by_rate:
-        record.update(calibrated=False, reached_target=rates[-1] >= rate_target - 1e-9, stop="refusal_rate",
-                      restore=float(spec.restore), aligned_refusal_rate=aligned_rate, target_refusal_rate=rate_target,
+        record.update(calibrated=False, reached_target=rates[-1] >= target_rate - 1e-9, stop="refusal_rate",
+                      restore=float(spec.restore), aligned_refusal_rate=aligned_rate, target_refusal_rate=target_rate,
                       refusal_rate_by_step=rates)
     if anchor is not None:
         anchor_losses.append(probe_loss(anchor, model))

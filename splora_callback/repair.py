@@ -40,7 +40,14 @@ from .selection import Selection, as_selection, attributions, repair_order, task
 from .teacher_forced import probe_loss
 
 __all__ = ["RepairTrace", "Signal", "behavioural_stop", "masked_units", "measured_stop", "predicted_repair",
-           "repair_selection", "restore_target", "search_removals"]
+           "rate_target", "repair_selection", "restore_target", "search_removals"]
+
+
+def rate_target(current: float, aligned: float, restore: float) -> float:
+    """The refusal rate (share of prompts refused) at which ``restore`` of the gap from ``current``
+    (the trained LoRA's) up to ``aligned`` (the aligned model's) is closed; ``current`` when the
+    trained model already refuses as much."""
+    return current + restore * max(aligned - current, 0.0)
 
 
 def restore_target(current: float, aligned: float, restore: float) -> float:
@@ -385,7 +392,7 @@ def behavioural_stop(
         aligned_rate = rate(harmful_prompts)(model)
         aligned_benign = rate(benign_prompts)(model) if over_refusal_margin is not None else None
     start_rate = rate(harmful_prompts)(model)
-    target = start_rate + restore * max(aligned_rate - start_rate, 0.0)
+    target = rate_target(start_rate, aligned_rate, restore)
     trace = RepairTrace(target=target, task_limit=None, available=len(order), stop="refusal_rate",
                         aligned={"refusal_rate": aligned_rate})
     guards = []
