@@ -9,8 +9,9 @@ Each cell is one folder ``outputs/efficacy/<setting>/seed<N>``, run in two subpr
 (writes ``results.json`` last, and caches every evaluated model in ``variants.jsonl`` as it
 finishes). A finished piece is never redone, so the study resumes where it was stopped; delete a
 cell's folder to redo it. An evaluation whose ``results.json`` was written with another config
-(e.g. controls added to the YAML) runs again, reusing every model already evaluated with the same
-inputs (``variants.jsonl``). Cells run replication-major (every setting of seed 0 first).
+(e.g. controls or a candidate added to the YAML) runs again, reusing every model already evaluated
+with the same inputs (``variants.jsonl``; a prebuilt model's inputs include its own section only,
+``evaluation_run.cache_fingerprints``). Cells run replication-major (every setting of seed 0 first).
 
 The report stage reads every finished cell and writes ``benchmarks/results/efficacy.json``,
 ``efficacy.md`` (tables) and ``efficacy.png`` (safety-utility figure). It needs the machine to

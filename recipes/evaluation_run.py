@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,29 +68,44 @@ def task_probe(tokenizer: Any, task_train: Sequence[tuple[str, str]], spec: Eval
 
 
 # Settings that choose which models are evaluated, not what one model's evaluation gives. Whether a
-# cached control has the over-refusal prompts it now needs is checked per model (variants.py).
-PLAN_ONLY = ("rules", "fractions", "random_seeds", "controls", "workers", "run_dir", "over_refusal_controls")
+# cached model has the over-refusal prompts it now needs is checked per model (variants.py).
+PLAN_ONLY = ("rules", "fractions", "random_seeds", "controls", "workers", "run_dir", "over_refusal",
+             "over_refusal_controls")
+# The section that builds each prebuilt model, by action: in that model's fingerprint only, so a new
+# or changed candidate re-evaluates its own model, not the whole cell.
+BUILT_BY = {"patch": "one_shot_patch", "anchored_patch": "anchored_patch", "rate_patch": "rate_patch",
+            "gates": "gates", "safe_delta": "safe_delta"}
 
 
-def cache_fingerprint(config: dict[str, Any], aligned: str, data: dict[str, Any]) -> str:
-    """sha256 of what one cached evaluation (a line of ``variants.jsonl``) depends on: the trained
-    adapter's bytes, the aligned model (a local folder: its files' names, sizes and modification
-    times; a Hub id as given), the dtype and seed, the evaluation settings that change a result and every prompt set."""
+def cache_fingerprints(config: dict[str, Any], aligned: str, data: dict[str, Any]) -> Callable[[str], str]:
+    """action -> sha256 of what one cached evaluation (a line of ``variants.jsonl``) depends on: the
+    trained adapter's bytes, the aligned model (a local folder: its files' names, sizes and
+    modification times; a Hub id as given), the dtype and seed, the probe, every prompt set, the
+    evaluation settings that change a result and, for a prebuilt model (:data:`BUILT_BY`), the
+    section that built it. A removal's model is its cache key (action and units): no rule's settings."""
     import hashlib
 
     from splora_callback.adapter_files import ADAPTER_WEIGHTS
 
-    digest = hashlib.sha256((run_dir(config) / "adapter-lora" / ADAPTER_WEIGHTS).read_bytes())
+    adapter = hashlib.sha256((run_dir(config) / "adapter-lora" / ADAPTER_WEIGHTS).read_bytes())
     folder = Path(aligned)  # its files, not the alignment caches recipe_data keeps next to them
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
                    if not p.name.startswith("alignment_subspace")) if folder.is_dir() else []
-    # the sections as written, not with recipe_sections' defaults: earlier caches keep their fingerprints
-    spec = {key: value for key, value in config["evaluation"].items() if key not in PLAN_ONLY}
+    # the sections as written, not with recipe_sections' defaults: a new field's default keeps the caches
+    evaluation = config["evaluation"]
+    common = {key: value for key, value in evaluation.items() if key not in PLAN_ONLY and key not in BUILT_BY.values()}
     inputs = {"aligned": [str(aligned), files], "dtype": config["model"]["dtype"], "seed": config["seed"],
-              "evaluation": spec, "probe": config["probe"],
+              "evaluation": common, "probe": config["probe"],
               "prompts": {key: data[key] for key in ("eval_prompts", "task_eval", "benign_prompts", "probe_prompts")}}
-    digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+
+    def fingerprint(action: str) -> str:
+        section = BUILT_BY.get(action)
+        built = None if section is None else {section: evaluation.get(section)}
+        digest = adapter.copy()
+        digest.update(json.dumps({**inputs, "built": built}, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+
+    return fingerprint
 
 
 def check_against_callback(scores: Any, callback_report: dict[str, Any], tolerance: float = 1e-4) -> float:
@@ -249,7 +264,7 @@ def run_evaluation(
             ),
             built=built,
             cache_file=output_dir / "variants.jsonl",
-            fingerprint=cache_fingerprint(config, aligned, data),
+            fingerprint=cache_fingerprints(config, aligned, data),
         )
     return {
         "base": base,

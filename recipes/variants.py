@@ -412,15 +412,17 @@ def evaluate_variants(
     check: Any = None,
     built: dict[str, Any] | None = None,
     cache_file: Any = None,
-    fingerprint: str = "",
+    fingerprint: str | Callable[[str], str] = "",
 ) -> list[dict[str, Any]]:
     """Evaluate every variant (identical models once); ``check(rows)`` runs after aligned and LoRA.
 
     ``built``: what the rules without units built, by action (:func:`load_variant`). ``cache_file``:
     a JSONL file that gets one line per evaluated model as it finishes, tagged with ``fingerprint``
-    (``evaluation_run.cache_fingerprint``: the adapter, the aligned model, the settings and prompts);
-    models already in it with the same fingerprint are not evaluated again (a stopped evaluation
-    resumes), lines of other inputs (a retrained adapter, other prompts) are never reused.
+    (one for every model, or the model's action -> its own: ``evaluation_run.cache_fingerprints``,
+    the adapter, the aligned model, the settings, prompts and what built it); models already in it
+    with the same fingerprint are not evaluated again (a stopped evaluation resumes, a new candidate
+    evaluates only its own model), lines of other inputs (a retrained adapter, other prompts) are
+    never reused.
 
     The first two variants (aligned, LoRA) run first, so the premise check stops a failed run early;
     then the rest. With ``spec["workers"]`` above 1 they run in that many forked processes (Linux):
@@ -447,12 +449,16 @@ def evaluate_variants(
         first.setdefault(variant.key, variant)
     distinct = list(first.values())
     results: dict[tuple, tuple[dict[str, Any], float]] = {}
+    tag = {variant.cache_key: fingerprint(variant.action) if callable(fingerprint) else fingerprint
+           for variant in distinct}
     cache, stale = {}, 0
     if cache_file is not None and Path(cache_file).is_file():
         for line in Path(cache_file).read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                if record.get("fingerprint") != fingerprint:
+                if record["key"] not in tag:  # a model this plan does not evaluate
+                    continue
+                if record.get("fingerprint") != tag[record["key"]]:
                     stale += 1
                     continue
                 cache[record["key"]] = (_restored(record["result"]), record["seconds"])
@@ -475,7 +481,7 @@ def evaluate_variants(
         if cache_file is not None:
             result, seconds = results[variant.key]
             with Path(cache_file).open("a") as handle:
-                handle.write(json.dumps({"key": variant.cache_key, "fingerprint": fingerprint,
+                handle.write(json.dumps({"key": variant.cache_key, "fingerprint": tag[variant.cache_key],
                                          "result": _cached(result), "seconds": seconds}) + "\n")
 
     def report(variant: Variant, result: dict[str, Any], seconds: float) -> None:

@@ -743,3 +743,39 @@ def test_plan_variants_component_and_budget_rules():
     assert all(isinstance(name, str) for name in by[("layer_budget", None, None)].layers)
     uniform = by[("random", "uniform", 0)]
     assert all(isinstance(name, str) for name in uniform.layers) and len(uniform.layers) == 2  # whole layers
+
+
+def test_cache_fingerprints_tie_a_built_model_to_its_own_section_only(tmp_path):
+    """A new or changed candidate re-evaluates its own model: the rule sections are in the
+    fingerprint of the model they build, common settings in every one, the plan in none."""
+    from splora_callback.adapter_files import ADAPTER_WEIGHTS
+
+    (tmp_path / "adapter-lora").mkdir()
+    (tmp_path / "adapter-lora" / ADAPTER_WEIGHTS).write_bytes(b"trained adapter")
+    aligned = tmp_path / "aligned"
+    aligned.mkdir()
+    (aligned / "model.safetensors").write_bytes(b"aligned weights")
+    data = {key: [f"{key} prompt"] for key in ("eval_prompts", "task_eval", "benign_prompts", "probe_prompts")}
+    evaluation = {"harmful_split": "evaluation", "harmful_max_new_tokens": 8, "task_max_new_tokens": 8,
+                  "fractions": [0.25], "random_seeds": [0], "require_lora_effect": True,
+                  "batch_size": 8, "rules": ["ediem", "anchored_patch"], "over_refusal": ["aligned"],
+                  "anchored_patch": {"lr": 4e-4, "batch_size": 10, "anchors": 4, "steps": 6}}
+
+    def tags(**changes) -> dict[str, str]:
+        config = {"output_dir": str(tmp_path), "seed": 0, "model": {"dtype": "float32"}, "probe": {"split": "probe"},
+                  "evaluation": {**evaluation, **changes}}
+        fingerprint = evaluation_run.cache_fingerprints(config, str(aligned), data)
+        return {action: fingerprint(action) for action in ("remove", "anchored_patch", "rate_patch", "safe_delta")}
+
+    before = tags()
+    assert len(set(before.values())) == 4  # each prebuilt model its own, removals one
+    added = tags(rules=["ediem", "anchored_patch", "rate_patch"], over_refusal=["aligned", "rate_patch"],
+                 rate_patch={"lr": 4e-4, "batch_size": 10, "anchors": 4, "stop": "refusal_rate", "restore": 0.9, "max_steps": 20})
+    assert {key: value == before[key] for key, value in added.items()} == {
+        "remove": True, "anchored_patch": True, "rate_patch": False, "safe_delta": True}
+    changed = tags(anchored_patch={"lr": 4e-4, "batch_size": 10, "anchors": 4, "steps": 5})
+    assert [key for key in before if changed[key] != before[key]] == ["anchored_patch"]
+    common = tags(batch_size=16)
+    assert all(common[key] != before[key] for key in before)
+    (tmp_path / "adapter-lora" / ADAPTER_WEIGHTS).write_bytes(b"retrained adapter")
+    assert all(value != before[key] for key, value in tags().items())
