@@ -9,6 +9,7 @@ replication. Writes ``efficacy.json``, ``efficacy.md`` and ``efficacy-<setting>.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,6 +248,10 @@ def write_report(root: Path, settings: Sequence[str], seeds: Sequence[int], resu
               "fewer probe passes (generations or forward passes of the stop, mean per replication). Only a library "
               "rule (one `SPLoRAConfig(select=...)` can take) can become the default.", "",
               ranking_table(study["default_ranking"]), ""]
+    pick = next((row["rule"] for row in study["default_ranking"] if row["library"]), None)
+    if pick is not None and pick != CURRENT_DEFAULT:
+        study["pick_against_default"] = pick_against_default(study, pick)
+        parts += [pick_note(study["pick_against_default"]), ""]
     (results_dir / "efficacy.json").write_text(json.dumps(study, indent=1))
     (results_dir / "efficacy-summary.md").write_text(summary_table(study) + "\n")
     (results_dir / "efficacy.md").write_text("\n".join(parts))
@@ -320,6 +325,49 @@ def default_ranking(study: dict[str, Any]) -> list[dict[str, Any]]:
                                                        else float("-inf")),
                                 r["passes"] if r["passes"] is not None else float("inf"), r["rule"]))
     return ranking
+
+
+# SPLoRAConfig's default with a probe (select='repair': ratio order, refusal-loss stop at restore 0.8)
+CURRENT_DEFAULT = "component_repair"
+SWITCH_P = 0.05  # the pick replaces the default when its per-replication lead is this unlikely by chance
+
+
+def _per_loss(check: dict[str, Any]) -> float | None:
+    restored, loss = check.get("restored_share"), check.get("rougeL_relative_loss")
+    if restored is None or loss is None:
+        return None
+    return float("inf") if loss <= 0 else restored / loss
+
+
+def pick_against_default(study: dict[str, Any], pick: str, default: str = CURRENT_DEFAULT) -> dict[str, Any]:
+    """The pick and the current default paired by replication: in how many the pick restores more
+    refusal per task lost (wins, losses, ties) and the exact two-sided sign test over the untied ones
+    (``p``: the chance of a split at least this uneven if neither rule were better)."""
+    wins = losses = ties = 0
+    for summary in study["settings"].values():
+        entries = {entry["rule"]: entry for entry in summary["entries"]}
+        if pick not in entries or default not in entries:
+            continue
+        for seed, check in entries[pick]["checks"].items():
+            other = entries[default]["checks"].get(seed)
+            ours, theirs = _per_loss(check), None if other is None else _per_loss(other)
+            if ours is None or theirs is None:
+                continue
+            wins, losses, ties = wins + (ours > theirs), losses + (ours < theirs), ties + (ours == theirs)
+    untied = wins + losses
+    tail = sum(math.comb(untied, k) for k in range(min(wins, losses) + 1)) / 2 ** untied if untied else 1.0
+    return {"pick": pick, "default": default, "wins": wins, "losses": losses, "ties": ties,
+            "p": min(1.0, 2 * tail), "switch": untied > 0 and wins > losses and 2 * tail < SWITCH_P}
+
+
+def pick_note(paired: dict[str, Any]) -> str:
+    """One line: the pick against the current default, replication by replication, and the decision."""
+    label = {name: rule.label for name, rule in RULES.items()}
+    verdict = ("the pick becomes the default" if paired["switch"] else
+               f"the default stays (the pick's lead is not below p = {SWITCH_P} by the sign test)")
+    return (f"The pick against the current default ({label[paired['default']]}), paired by replication: more refusal "
+            f"restored per task lost in {paired['wins']}, less in {paired['losses']}, tied in {paired['ties']} "
+            f"(two-sided sign test p = {paired['p']:.2f}): {verdict}.")
 
 
 def ranking_table(ranking: Sequence[dict[str, Any]]) -> str:

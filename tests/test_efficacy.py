@@ -243,3 +243,27 @@ def test_default_ranking_follows_the_issue_s_order():
     assert lines["rate repair"].endswith("| 1 of 1 |") and lines["component repair"].endswith("| 2 of 2 |")
     summary_lines = report.summary_table({"settings": {"a": later}}).splitlines()
     assert any(line.startswith("| a | rate repair |") and line.endswith("| 1 of 1 |") for line in summary_lines)
+
+
+def test_pick_replaces_the_default_only_when_its_paired_lead_beats_chance():
+    """The ranking's pick against the current default, replication by replication: restored per task
+    lost (inf at no loss), the exact two-sided sign test, and a switch only below p = 0.05."""
+    report = _report()
+
+    def study(pick_wins: int) -> dict:
+        checks = {"default": {}, "pick": {}}
+        for seed in range(9):
+            checks["default"][str(seed)] = {"restored_share": 0.8, "rougeL_relative_loss": 0.1}  # 8 per loss
+            loss = 0.05 if seed < pick_wins else 0.2
+            checks["pick"][str(seed)] = {"restored_share": 0.8, "rougeL_relative_loss": loss}
+        checks["pick"]["0"] = {"restored_share": 0.8, "rougeL_relative_loss": -0.01}  # no loss at all: inf, a win
+        entries = [{"rule": "component_repair", "checks": checks["default"]}, {"rule": "rate_repair", "checks": checks["pick"]}]
+        return {"settings": {"a": {"entries": entries}}}
+
+    narrow = report.pick_against_default(study(6), "rate_repair")
+    assert (narrow["wins"], narrow["losses"], narrow["ties"]) == (6, 3, 0)
+    assert narrow["p"] == pytest.approx(2 * (1 + 9 + 36 + 84) / 512) and not narrow["switch"]
+    clear = report.pick_against_default(study(8), "rate_repair")
+    assert clear["p"] == pytest.approx(2 * (1 + 9) / 512) and clear["switch"]
+    assert "in 6, less in 3, tied in 0 (two-sided sign test p = 0.51): the default stays" in report.pick_note(narrow)
+    assert report.pick_note(clear).endswith("the pick becomes the default.")
