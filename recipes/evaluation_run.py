@@ -143,10 +143,11 @@ def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: A
     anchors = None
     if wanted & {"anchored_patch", "rate_patch", "gates"}:
         from demo_data import BENIGN_PROBE_REQUESTS
-        from one_shot_patch import lora_anchor_pairs
+
+        from splora_callback.patch import anchor_pairs
 
         with stage("anchor pairs (benign requests, the LoRA's own answers)", timings):
-            anchors = lora_anchor_pairs(template, tokenizer, BENIGN_PROBE_REQUESTS, max_new_tokens=spec.task_max_new_tokens,
+            anchors = anchor_pairs(template, tokenizer, BENIGN_PROBE_REQUESTS, max_new_tokens=spec.task_max_new_tokens,
                                         batch_size=len(BENIGN_PROBE_REQUESTS))
     for rule, what in (("anchored_patch", "anchored one-shot patch (probe pairs + benign anchors)"),
                        ("rate_patch", "anchored patch, refusal-rate stop (greedy answers to the probe's prompts)")):

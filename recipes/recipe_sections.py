@@ -36,7 +36,8 @@ def section(cls: type, default: Any = dataclasses.MISSING) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class OneShotPatchSection:
-    """``evaluation.one_shot_patch`` (one_shot_patch.py): AdamW steps on the probe's refusal pairs.
+    """``evaluation.one_shot_patch`` (one_shot_patch.py, splora_callback.patch): AdamW steps on the
+    probe's refusal pairs; checked by ``patch.check_patch_options``.
 
     ``anchors``: benign anchor pairs (benign requests with the LoRA model's own answers, passed by
     the caller as ``anchor_pairs``) mixed into each batch besides ``batch_size`` probe pairs, so the
@@ -56,17 +57,11 @@ class OneShotPatchSection:
     max_new_tokens: int = 8
 
     def __post_init__(self) -> None:
-        if self.steps is None and self.max_steps is None:
-            raise ValueError("config: evaluation.one_shot_patch needs steps (fixed) or max_steps (steps: null calibrates)")
-        if self.stop not in ("refusal_loss", "refusal_rate"):
-            raise ValueError(f"config: evaluation.<patch>.stop={self.stop!r}: expected refusal_loss or refusal_rate")
-        if self.stop == "refusal_rate" and (self.steps is not None or not self.max_steps):
-            raise ValueError("config: evaluation.<patch>.stop=refusal_rate stops per model: set max_steps and steps: null")
-        if not 0 < self.restore <= 1:
-            raise ValueError(f"config: evaluation.<patch>.restore={self.restore!r} must be in (0, 1]")
-        if isinstance(self.anchors, bool) or not isinstance(self.anchors, int) or self.anchors < 0:
-            raise ValueError(f"config: evaluation.one_shot_patch.anchors={self.anchors!r} must be an integer >= 0 "
-                             "(benign anchor pairs per batch; 0: none)")
+        from splora_callback.patch import check_patch_options
+
+        check_patch_options(lr=self.lr, batch_size=self.batch_size, steps=self.steps, max_steps=self.max_steps,
+                            stop=self.stop, restore=self.restore, anchors=self.anchors,
+                            where="config: evaluation.<patch>")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # static analysis sees the real imports
     from .dashboard import write_html_report
     from .layers import LoraUpdate, NoLoraLayersError, UnsupportedAdapterError, lora_updates_from_model
     from .model_card import push_adapter_to_hub
+    from .patch import safety_patch
     from .probe import SafetyProbe, UtilityProbe
     from .pruning import ActionReport, apply_action, prune_components, prune_layers, save_acted_adapter
     from .repair import measured_stop, repair_selection
@@ -43,6 +44,7 @@ _EXPORTS = {
     "random_layers": ".selection",
     "random_matched": ".selection",
     "repair_selection": ".repair",
+    "safety_patch": ".patch",
     "SafetensorsCheckpoint": ".checkpoint",
     "SafetyProbe": ".probe",
     "save_acted_adapter": ".pruning",
@@ -82,6 +84,7 @@ __all__ = [
     "random_layers",
     "random_matched",
     "repair_selection",
+    "safety_patch",
     "save_acted_adapter",
     "score_layers",
     "select_layers",

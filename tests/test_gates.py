@@ -274,11 +274,13 @@ def test_anchored_patch_mixes_anchor_pairs_into_each_batch(patch_setup, monkeypa
     import one_shot_patch as patch_module
     from recipe_sections import OneShotPatchSection
 
+    import splora_callback.patch as library_patch
+
     template, tokenizer, probe, benign = patch_setup
     before = _weights(template)
     seen = []
-    mixed = patch_module._mixed_batch
-    monkeypatch.setattr(patch_module, "_mixed_batch", lambda *args: seen.append(args[3].tolist()) or mixed(*args))
+    mixed = library_patch._mixed_batch
+    monkeypatch.setattr(library_patch, "_mixed_batch", lambda *args: seen.append(args[3].tolist()) or mixed(*args))
     spec = OneShotPatchSection(lr=1e-2, batch_size=2, steps=4, anchors=2)
     plain_model, plain = patch_module.one_shot_patch(
         template, probe, OneShotPatchSection(lr=1e-2, batch_size=2, steps=4), 0.0, seed=1)
@@ -363,9 +365,8 @@ def test_rate_stopped_patch_stops_at_the_first_step_reaching_the_rate_and_is_tha
 
 
 def test_lora_anchor_pairs_are_the_models_own_answers(patch_setup):
-    from one_shot_patch import lora_anchor_pairs
-
     from splora_callback.evaluation import generate
+    from splora_callback.patch import anchor_pairs as lora_anchor_pairs
 
     template, tokenizer, _, benign = patch_setup
     prompts = [prompt for prompt, _ in benign]

@@ -66,8 +66,8 @@ def test_every_python_block_of_the_readme_runs_on_tiny_models(tmp_path, monkeypa
     base_dir, aligned_dir, _ = save_pair(tmp_path, partial(tiny_llama, layers=4), llama_attention_names)
     save_tokenizer(aligned_dir)
     blocks = python_blocks()
-    assert len(blocks) == 10  # quickstart, monitor-only, Trainer, QLoRA, post hoc, components, repair, rate stop,
-    # TrlParser, rule
+    assert len(blocks) == 11  # quickstart, monitor-only, Trainer, QLoRA, post hoc, safety patch, components,
+    # repair, rate stop, TrlParser, rule
     code = "\n".join(blocks)
     assert code.count(repr(BASE_ID).replace("'", '"')) >= 1 and code.count(ALIGNED_ID) >= 1
     code = code.replace(f'"{BASE_ID}"', repr(str(base_dir))).replace(f'"{ALIGNED_ID}"', repr(str(aligned_dir)))
@@ -94,4 +94,5 @@ def test_every_python_block_of_the_readme_runs_on_tiny_models(tmp_path, monkeypa
         assert "<!-- splora:begin -->" in card and "Measured: refusal loss" in card
         assert (tmp_path / out / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "pruned-adapter" / "adapter_config.json").is_file()  # the post hoc block
+    assert (tmp_path / "out" / "patched-adapter" / "adapter_config.json").is_file()  # the safety patch block
     assert namespace["splora_config"].base_model == str(base_dir)  # the TrlParser block read its command line
