@@ -271,21 +271,13 @@ def lora_copy(template: Any) -> tuple[Any, list[torch.nn.Parameter]]:
     ``lora_B``, the one-shot patch trains the LoRA factors).
     """
     from splora_callback.layers import iter_lora_layers, resolve_adapter_name
+    from splora_callback.patch import lora_factors
 
-    adapter = resolve_adapter_name(template)
-
-    def factors(model: Any, active_only: bool) -> list[torch.nn.Parameter]:
-        return [
-            p
-            for _, layer in iter_lora_layers(model, adapter)
-            for factor in (layer.lora_A, layer.lora_B)
-            for p in (factor[adapter] if active_only else factor).parameters()
-        ]
-
-    lora = {id(p) for p in factors(template, active_only=False)}
+    lora = {id(p) for _, layer in iter_lora_layers(template, resolve_adapter_name(template))
+            for factor in (layer.lora_A, layer.lora_B) for p in factor.parameters()}  # every adapter's
     shared = {id(p): p for p in template.parameters() if id(p) not in lora}
     model = copy.deepcopy(template, memo=shared)
-    return model, factors(model, active_only=True)
+    return model, lora_factors(model)
 
 
 def acted_copy(template: Any, alignment: Any, layers: Any, action: str) -> Any:

@@ -133,7 +133,6 @@ def safety_patch(
             without a tokenizer or the probe's prompts (and no ``measure_rate``).
     """
     from .probe import ProbeSet
-    from .teacher_forced import probe_loss
 
     by_rate = stop == "refusal_rate" and steps is None
     calibrating = steps is None and not by_rate
@@ -165,7 +164,7 @@ def safety_patch(
             parameter.requires_grad_(True)
         record = _patch_steps(model, probe, anchor, trainable, lr=float(lr), batch_size=int(batch_size), limit=limit,
                               calibrating=calibrating, target_loss=target_loss, measure_rate=measure_rate if by_rate
-                              else None, restore=float(restore), anchors=int(anchors), seed=seed, probe_loss=probe_loss)
+                              else None, restore=float(restore), anchors=int(anchors), seed=seed)
     finally:
         for parameter, flag in zip(trainable, flags, strict=True):
             parameter.requires_grad_(flag)
@@ -175,9 +174,11 @@ def safety_patch(
 
 def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.Parameter], *, lr: float,
                  batch_size: int, limit: int, calibrating: bool, target_loss: float | None,
-                 measure_rate: Callable[[nn.Module], float] | None, restore: float, anchors: int, seed: int,
-                 probe_loss: Callable[..., float]) -> dict[str, Any]:
+                 measure_rate: Callable[[nn.Module], float] | None, restore: float, anchors: int,
+                 seed: int) -> dict[str, Any]:
     """The optimizer loop of :func:`safety_patch` and its record."""
+    from .teacher_forced import probe_loss
+
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     order_rng, order = random.Random(seed), []
     anchor_rng, anchor_order = random.Random(f"anchors-{seed}"), []
