@@ -116,7 +116,7 @@ def safety_patch(
     ``anchors`` anchor pairs (their own seeded reshuffle), the mean token loss over the responses of
     both, gradient norm clipped at 1, LoRA dropout on (train mode). Only the LoRA factors are
     trained and get gradients; their ``requires_grad`` flags and the model's train/eval mode are as
-    before afterwards. A fixed ``steps`` runs that many; else up to ``max_steps`` with ``stop``:
+    before afterwards, and a patch that fails or is interrupted puts the factors back as trained. A fixed ``steps`` runs that many; else up to ``max_steps`` with ``stop``:
     ``"refusal_loss"``, the first step whose probe refusal loss (eval mode) is at most
     ``target_loss`` (the aligned model's, ``safety.aligned_refusal_loss``); ``"refusal_rate"``, the
     first step whose probe refusal rate reaches ``repair.rate_target`` (``measure_rate``: model ->
@@ -159,12 +159,18 @@ def safety_patch(
     trainable = lora_factors(model)
     flags, was_training = [p.requires_grad for p in trainable], model.training
     limit = int(steps if steps is not None else max_steps)
+    trained = [p.detach().clone() for p in trainable]  # the LoRA factors only: put back if a step fails
     try:
         for parameter in trainable:
             parameter.requires_grad_(True)
         record = _patch_steps(model, probe, anchor, trainable, lr=float(lr), batch_size=int(batch_size), limit=limit,
                               calibrating=calibrating, target_loss=target_loss, measure_rate=measure_rate if by_rate
                               else None, restore=float(restore), anchors=int(anchors), seed=seed)
+    except BaseException:  # all or nothing: a failed or interrupted patch leaves the LoRA as trained
+        with torch.no_grad():
+            for parameter, original in zip(trainable, trained, strict=True):
+                parameter.copy_(original)
+        raise
     finally:
         for parameter, flag in zip(trainable, flags, strict=True):
             parameter.requires_grad_(flag)

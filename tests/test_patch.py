@@ -66,3 +66,23 @@ def test_safety_patch_stops_and_errors(patch_setup):  # noqa: F811
             safety_patch(copy.deepcopy(template), probe, **{"anchors": 0, **bad})
     pairs = anchor_pairs(template, tokenizer, [prompt for prompt, _ in benign], max_new_tokens=4)
     assert [prompt for prompt, _ in pairs] == [prompt for prompt, _ in benign] and all(isinstance(a, str) for _, a in pairs)
+
+
+def test_a_failed_patch_leaves_the_lora_as_trained(patch_setup):  # noqa: F811
+    """A step that raises (here the rate measurement after step 2) puts every factor back."""
+    import copy
+
+    template, tokenizer, probe, benign = patch_setup
+    model = copy.deepcopy(template)
+    before = _weights(model)
+    readings = iter([1.0, 0.0, 0.1])  # aligned, the LoRA, after step 1; step 2's reading fails
+
+    def measure(_):
+        value = next(readings, None)
+        if value is None:
+            raise RuntimeError("generation failed")
+        return value
+
+    with pytest.raises(RuntimeError, match="generation failed"):
+        safety_patch(model, probe, lr=1e-2, batch_size=2, anchors=0, measure_rate=measure, seed=1)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
