@@ -129,6 +129,24 @@ def check_against_callback(scores: Any, callback_report: dict[str, Any], toleran
     return worst
 
 
+def callback_patch_gap(patched: Any, adapter_dir: Path) -> float:
+    """Largest |difference| between the LoRA factors of ``patched`` (a PEFT model) and the adapter
+    the callback saved in ``adapter_dir`` (``action: patch``): 0 when the study's rate patch is the
+    callback's.
+
+    Raises:
+        ValueError: the two hold different LoRA tensors (names), with the first few that differ.
+    """
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    live = {name.replace(".default", ""): p.detach() for name, p in patched.named_parameters() if "lora_" in name}
+    if saved.keys() != live.keys():
+        raise ValueError(f"{adapter_dir}: its LoRA tensors are not the patched model's "
+                         f"(e.g. {sorted(set(saved) ^ set(live))[:3]})")
+    return max(float((saved[name].double() - live[name].double()).abs().max()) for name in saved)
+
+
 def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: Any, eval_model: Any, tokenizer: Any,
                     probe: Any, data: dict[str, Any], context: dict[str, Any], built: dict[str, Any],
                     timings: dict[str, float]) -> dict[str, Any]:
@@ -158,6 +176,11 @@ def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: A
                 built[rule], records[rule] = one_shot_patch(
                     template, probe, getattr(spec, rule), context["target"], config["seed"], anchor_pairs=anchors,
                     tokenizer=tokenizer, anchor_max_length=int(config["probe"]["max_length"]))
+            action = (context.get("callback_report") or {}).get("action") or {}
+            if rule == "rate_patch" and action.get("action") == "patch":  # the callback ran the same patch
+                gap = callback_patch_gap(built[rule], Path(config["output_dir"]) / "adapter")
+                records[rule]["callback_adapter_max_abs_diff"] = gap
+                print(f"rate patch vs the callback's adapter/ (action: patch): largest |difference| {gap:.3g}")
     if "gates" in wanted:
         from recipe_sections import GatesSection
         from variants import lora_copy

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from . import preflight
-from .distributed import prepare_action_distributed, save_acted_adapter_distributed
+from .distributed import prepare_action_distributed, prepare_patch_distributed, save_acted_adapter_distributed
 from .layers import resolve_adapter_name
 from .pruning import PreparedAction
 from .resume import CHECKPOINT_SUBDIR
@@ -24,9 +24,13 @@ from .sharding import warn_if_sharded
 
 
 def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, entry: dict[str, Any],
-               output_dir: str) -> tuple[PreparedAction | None, dict[str, Any] | None]:
+               output_dir: str, *, tokenizer: Any = None,
+               aligned_refusal_loss: float | None = None) -> tuple[PreparedAction | None, dict[str, Any] | None]:
     """The action on ``selected`` (the final history ``entry``'s selection), built aside: nothing
-    of the live model changes here.
+    of the live model changes here. ``action="patch"`` ignores the selection: the safety patch
+    (``patch.prepare_patch``, collective) with the config's ``patch_*`` settings, its anchors
+    ``benign_prompts`` answered by the trained LoRA, ``tokenizer`` for them and for the rate stop,
+    ``aligned_refusal_loss`` for the loss stop.
 
     Returns:
         ``(prepared, None)``: commit ``prepared`` to act. ``(None, action report)``: nothing to
@@ -37,6 +41,12 @@ def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, ent
     if entry.get("non_finite"):  # named when scored; a selection by NaN is no selection
         return None, {"action": "none", "layers": [], "skipped": (
             f"non-finite scores ({', '.join(entry['non_finite'][:3])}): nothing acted on")}
+    if config.action == "patch":
+        return prepare_patch_distributed(
+            model, config.probe, tokenizer=tokenizer, benign_prompts=config.benign_prompts,
+            anchors=config.patch_anchors, adapter_name=config.adapter_name, lr=config.patch_lr,
+            max_steps=config.patch_max_steps, stop=config.patch_stop, restore=config.patch_restore,
+            target_loss=aligned_refusal_loss), None
     refused = preflight.refusal_to_prune_everything(config, selected, entry["scores"])
     if refused:  # the model stays as trained, the report says why
         return None, refused

@@ -253,6 +253,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         self._safety = SafetyChecks(config, self.safety_state)  # restored on resume
         self._safety.begin(model, kwargs.get("processing_class"))  # every rank: the same forward passes
         self._tokenizer = kwargs.get("processing_class")
+        if config.action == "patch" and config.prune_at_end:
+            preflight.check_patch_needs(config, self._tokenizer, sharded)
         if getattr(config.rule, "stop", None) == "refusal_rate":  # what the stop needs, before step 1
             if self._tokenizer is None:
                 raise ValueError("SPLoRAConfig.select: the repair's refusal-rate stop generates answers and needs the "
@@ -363,7 +365,9 @@ class SPLoRACallback(TrainerCallback, ExportableState):
         self.selected = copy.deepcopy(entry["selected"])
         if not config.prune_at_end:
             return None
-        prepared, self.action_report = end_action(config, model, self._alignment, self.selected, entry, args.output_dir)
+        prepared, self.action_report = end_action(
+            config, model, self._alignment, self.selected, entry, args.output_dir, tokenizer=self._tokenizer,
+            aligned_refusal_loss=self._safety.monitor.aligned_refusal_loss)
         if entry.get("non_finite"):
             self.selected = []
         return prepared
@@ -447,8 +451,11 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             folder, adapter, link = Path(action["applied_to"]), action["applied_to"], f"../{REPORT_HTML}"
         else:
             folder, link = Path(args.output_dir), REPORT_HTML
-            done = action.get("action") not in (None, "none") and action.get("layers")
-            adapter = (f"{'acted on in the live model; ' if done else 'as trained; '}trainer.save_model() writes it "
+            done = action.get("action") not in (None, "none") and (
+                action.get("layers") or (action.get("patch") or {}).get("steps"))
+            state_words = ("patched in the live model; " if action.get("action") == "patch" else
+                           "acted on in the live model; ") if done else "as trained; "
+            adapter = (f"{state_words}trainer.save_model() writes it "
                        f"(to {args.output_dir} by default, next to its model card)")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "add_model_tags"):  # PEFT's card update keeps the model's tags (TRL does the same)

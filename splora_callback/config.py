@@ -18,7 +18,8 @@ RESTORE_DEFAULT = 0.8  # the repair's share of the refusal increase to undo
 METRICS = ("ediem", "cosine", "probe", "signed")
 NULLS = ("layers", "permutation")
 GRANULARITIES = ("layer", "component")
-ACTIONS = ("prune", "project", "none")
+ACTIONS = ("prune", "project", "patch", "none")
+PATCH_STOPS = ("refusal_rate", "refusal_loss")
 DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("stream", "cpu", "resident")
 
@@ -83,12 +84,30 @@ class SPLoRAConfig:
     threshold: float | None = field(
         default=None, metadata={"help": "select='threshold': E-DIEM > t (cosine < t, probe > t)."}
     )
-    action: Literal["prune", "project", "none"] | None = field(
+    action: Literal["prune", "project", "patch", "none"] | None = field(
         default=None,
-        metadata={"help": "prune (SPLoRA), project (Safe LoRA) or none (monitor only). Default (the project's efficacy study): "
-                          "prune with a safety probe (metric='probe'); without one, none: selection by E-DIEM or "
-                          "cosine was no better than a random choice of the same module kinds, so it is not "
-                          "acted on unless action='prune' is passed."},
+        metadata={"help": "prune (SPLoRA), project (Safe LoRA), patch (the safety patch: a few optimizer steps of the "
+                          "LoRA on the probe's refusal pairs and benign anchors at the end of training, nothing "
+                          "removed; the patch_* fields) or none (monitor only). Default (the project's efficacy "
+                          "study): prune with a safety probe (metric='probe'); without one, none: selection by "
+                          "E-DIEM or cosine was no better than a random choice of the same module kinds, so it is "
+                          "not acted on unless action='prune' is passed."},
+    )
+    patch_stop: Literal["refusal_rate", "refusal_loss"] = field(
+        default="refusal_rate",
+        metadata={"help": "action='patch': stop at the first step whose refusal rate on the probe's own prompts "
+                          "(greedy) closes patch_restore of the gap to the aligned model's, or whose probe refusal "
+                          "loss is at most the aligned model's (refusal_loss)."},
+    )
+    patch_restore: float = field(
+        default=0.9, metadata={"help": "action='patch', patch_stop='refusal_rate': share of the refusal-rate gap."}
+    )
+    patch_lr: float = field(default=4e-4, metadata={"help": "action='patch': AdamW learning rate."})
+    patch_max_steps: int = field(default=20, metadata={"help": "action='patch': most optimizer steps."})
+    patch_anchors: int = field(
+        default=4,
+        metadata={"help": "action='patch': benign anchor pairs per batch of 10 probe pairs (benign_prompts answered "
+                          "by the trained LoRA itself; 0: the plain patch)."},
     )
     adapter_name: str | None = field(default=None, metadata={"help": "Adapter to score; default: the active one."})
     score_every_n_steps: int = field(default=50, metadata={"help": "Scoring interval in optimizer steps (0: only at the end)."})
@@ -134,7 +153,8 @@ class SPLoRAConfig:
     benign_prompts: list[str] | None = field(
         default=None,
         metadata={"help": "Benign requests for the repair's over-refusal guard (select={'name': 'repair', 'stop': "
-                          "'refusal_rate', 'over_refusal_margin': 0.05}); never alignment or evaluation prompts."},
+                          "'refusal_rate', 'over_refusal_margin': 0.05}) or the anchors of action='patch'; never "
+                          "alignment or evaluation prompts."},
     )
     refusal_max_new_tokens: int = field(
         default=32, metadata={"help": "Tokens generated per refusal prompt (refusal keywords come early)."}
@@ -187,6 +207,8 @@ class SPLoRAConfig:
         if self.action is None:
             self.action = "prune" if self.metric == "probe" else "none"
         _check_choice("action", self.action, ACTIONS)
+        if self.action == "patch":
+            _check_patch(self)
         _check_choice("alignment_dtype", self.alignment_dtype, DTYPES)
         _check_choice("alignment_placement", self.alignment_placement, PLACEMENTS)
         _check_safety(self)
@@ -227,6 +249,8 @@ class SPLoRAConfig:
         given = {name: getattr(self, name) for name in ("k", "fraction", "threshold", "budget")
                  if getattr(self, name) is not None}
         select = self.select if self.select is not None else infer_rule_name(given, self.metric)
+        if self.select is None and not given and self.action == "patch":
+            select = "fraction"  # what pruning would take, logged; the patch acts (no measured stop to run)
         flat = {**given, "restore": self.restore}
         if isinstance(select, dict):  # {"name": ..., **parameters} with flat keywords: one set of parameters
             clashes = [key for key in flat if key in select and select[key] != flat[key]
@@ -274,6 +298,14 @@ class SPLoRAConfig:
             if self.metric == "probe":
                 return f"{monitored}; nothing is acted on (action='none').", False
             return f"{monitored}; nothing is pruned ({repair}).", False
+        if self.action == "patch":
+            stop = (f"the probe's refusal rate closes {self.patch_restore:.0%} of the gap to the aligned model's"
+                    if self.patch_stop == "refusal_rate" else "the probe's refusal loss reaches the aligned model's")
+            anchors = f" + {self.patch_anchors} benign anchors" if self.patch_anchors else ""
+            then = "then" if every == "at the end of training" else "at the end of training,"
+            return (f"{monitored}; {then} patch the LoRA: up to {self.patch_max_steps} steps on the "
+                    f"probe's refusal pairs{anchors} per batch, until {stop} (nothing removed; the {self.rule.name} "
+                    "rule's selection is logged, not acted on).", False)
         unit = "rank-one components" if self.granularity == "component" else "LoRA layers"
         verb = {"prune": "prune", "project": "project"}.get(self.action, self.action)
         act = f"{monitored}; {when}, {verb} {unit} by {self.metric}: {self.rule.describe()}"
@@ -374,6 +406,32 @@ def _check_probe_schedule(config: SPLoRAConfig) -> None:
                          "score less often with score_every_n_steps.")
 
 
+def _check_patch(config: SPLoRAConfig) -> None:
+    """``action="patch"``: a probe to patch on, benign anchors when asked for, the patch_* ranges."""
+    from .patch import check_patch_options
+
+    if config.probe is None:
+        raise ValueError("SPLoRAConfig.action='patch' trains the LoRA on the safety probe's refusal pairs: pass "
+                         "probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs).")
+    _check_choice("patch_stop", config.patch_stop, PATCH_STOPS)
+    if config.patch_anchors and not config.benign_prompts:
+        raise ValueError(f"SPLoRAConfig.patch_anchors={config.patch_anchors} needs benign_prompts: benign requests "
+                         "(never used in alignment or evaluation) that the trained LoRA answers, so that the patch "
+                         "does not learn to refuse everything; or patch_anchors=0 (the plain patch).")
+    if config.prune_at_checkpoints:
+        raise ValueError("SPLoRAConfig.action='patch' acts at the end of training only (it trains the LoRA): set "
+                         "prune_at_checkpoints=False, or patch a checkpoint's adapter afterwards with safety_patch.")
+    try:
+        check_patch_options(lr=config.patch_lr, batch_size=10, steps=None, max_steps=config.patch_max_steps,
+                            stop=config.patch_stop, restore=config.patch_restore, anchors=config.patch_anchors,
+                            where="SPLoRAConfig")
+    except ValueError as error:  # the library's names for them are the config's, prefixed
+        text = str(error)
+        for name in ("lr", "max_steps", "restore", "anchors"):
+            text = text.replace(f": {name}=", f".patch_{name}=")
+        raise ValueError(text) from None
+
+
 def _check_safety(config: SPLoRAConfig) -> None:
     """The direct safety signal's fields (refusal loss, refusal rate, early stop): each names its need."""
     if config.refusal_loss_alert is not None and config.probe is None:
@@ -403,7 +461,8 @@ def _check_safety(config: SPLoRAConfig) -> None:
     if benign is None and getattr(config.rule, "over_refusal_margin", None) is not None:
         raise ValueError("SPLoRAConfig.select: over_refusal_margin guards against over-refusal on benign requests: "
                          "pass benign_prompts (a few benign requests never used in alignment or evaluation).")
-    if benign is not None and getattr(config.rule, "over_refusal_margin", None) is None:
+    if benign is not None and getattr(config.rule, "over_refusal_margin", None) is None and not (
+            config.action == "patch" and config.patch_anchors):
         raise ValueError("SPLoRAConfig.benign_prompts is set but no rule uses them: pass select={'name': 'repair', "
                          "'stop': 'refusal_rate', 'over_refusal_margin': 0.05}, or drop benign_prompts.")
     if config.refusal_every_n_steps and prompts is None:

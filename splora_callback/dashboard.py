@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
-from .headline import acted_on, acted_words, headline, safety_figure, safety_summary, verdict
+from .headline import acted_on, acted_words, headline, patch_words, safety_figure, safety_summary, verdict
 from .report import (
     REPORT_HTML,
     TABLE_COLUMNS,
@@ -257,6 +257,16 @@ def _cell(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _acted_sentence(report: dict[str, Any], pruned: list[str]) -> str:
+    """What the action changed, in words (escaped): the patch's steps, or the layers acted on."""
+    patched = patch_words(report)
+    if patched is not None:
+        return html.escape(patched[:1].upper() + patched[1:]) + "; no LoRA layer or component removed."
+    words = acted_words(report)
+    return ((f"{html.escape(words[:1].upper() + words[1:])}: " if pruned and words else "Nothing changed: ")
+            + f"{_cell(', '.join(pruned) or 'no layer acted on')}.")
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained HTML page (figures as base64 PNG, no external URL) of a report dict."""
     config, scores = report["config"], final_scores(report)
@@ -267,8 +277,7 @@ def render_html(report: dict[str, Any]) -> str:
              f"<code>{_cell(config.get('metric'))}</code>, selection "
              f"<code>{_cell(config.get('select'))}</code>, "
              f"action <code>{_cell(config.get('action'))}</code>. "
-             + (f"{html.escape(acted_words(report)[:1].upper() + acted_words(report)[1:])}: " if pruned else "Nothing changed: ")
-             + f"{_cell(', '.join(pruned) or 'no layer acted on')}.</p>",
+             + _acted_sentence(report, pruned) + "</p>",
              f"<div id='headline' style='border-left:4px solid #d62728;padding:0.3em 1em;background:#fafafa'>"
              f"<p><b>Safety signal.</b> {html.escape(headline(report))}</p>"
              f"<p>{html.escape(verdict(report))}</p></div>"]

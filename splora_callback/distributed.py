@@ -393,6 +393,35 @@ def prepare_action_distributed(
     return prepare_action(replica, alignment, chosen, action, adapter, projected=_projected_up(model, alignment, chosen, adapter))
 
 
+def prepare_patch_distributed(model: nn.Module, probe: Any, **options: Any) -> PreparedAction:
+    """:func:`~splora_callback.patch.prepare_patch` on every rank's replica (the same steps on the
+    same pairs), then rank 0's patched factors broadcast, so that every replica commits the same
+    LoRA (collective; one process: ``prepare_patch`` itself). ``options``: ``prepare_patch``'s.
+
+    Raises:
+        ValueError: the model is sharded (FSDP / ZeRO-3): the patch trains the live factors; patch
+            the saved adapter in one process instead (``splora_callback.safety_patch``).
+    """
+    from .patch import patch_action, patched_factors
+
+    if sharding_engine(model) != "none":
+        raise ValueError(f"action='patch' trains the live LoRA factors, which {sharding_engine(model)} shards; "
+                         "load the saved adapter into an unsharded model and run splora_callback.safety_patch.")
+    replica = unwrap_parallel(model)
+    adapter_name = options.pop("adapter_name", None)
+    factors, patched, record, error = [], [], {}, None
+    try:
+        factors, patched, record = patched_factors(replica, probe, **options)
+    except Exception as exc:  # every rank hears of it before the broadcast below
+        error = exc
+    raise_if_any_failed(error)
+    if world_size() > 1:
+        for tensor in patched:
+            torch.distributed.broadcast(tensor, src=0)
+        record = broadcast_object(record)
+    return patch_action(replica, factors, patched, record, adapter_name)
+
+
 def apply_action_distributed(
     model: nn.Module, alignment: AlignmentSubspace | None, chosen: Sequence[str],
     action: str | Callable[..., ActionReport] = "prune", adapter_name: str | None = None,

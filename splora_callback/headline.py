@@ -76,8 +76,34 @@ def acted_on(report: dict[str, Any]) -> dict[str, Any] | None:
     return {"unit": "layers", "count": len(pruned), "layers": pruned, "total": total, "action": action.get("action")}
 
 
+def patch_words(report: dict[str, Any]) -> str | None:
+    """``patched the LoRA: 3 steps on 20 refusal pairs + 4 benign anchors per batch, probe refusal
+    rate 0.10 -> 0.90 (target 0.86, aligned 0.95)``, or None (not a patch, or 0 steps)."""
+    action = report.get("action") or {}
+    patch = action.get("patch") if action.get("action") == "patch" else None
+    if not patch or not patch.get("steps"):
+        return None
+    text = f"patched the LoRA: {patch['steps']} step{'s' if patch['steps'] != 1 else ''} on {patch['pairs']} refusal pairs"
+    if patch.get("anchors"):
+        text += f" + {patch['anchors']} benign anchors per batch"
+    rates = patch.get("refusal_rate_by_step")
+    if rates:
+        text += (f", probe refusal rate {rates[0]:.2f} -> {rates[-1]:.2f} (target {patch['target_refusal_rate']:.2f}, "
+                 f"aligned {patch['aligned_refusal_rate']:.2f})")
+    else:
+        loss = patch["refusal_loss"]
+        text += f", probe refusal loss {loss['before']:.3f} -> {loss['after']:.3f} nats"
+        if patch.get("target_refusal_loss") is not None:
+            text += f" (aligned {patch['target_refusal_loss']:.3f})"
+    return text + ("" if patch.get("reached_target") else f"; target not reached in {patch['steps']} steps")
+
+
 def acted_words(report: dict[str, Any]) -> str | None:
-    """``removed 12 rank-one components from 7 of 8 LoRA layers`` / ``pruned 3 of 8 LoRA layers``."""
+    """``removed 12 rank-one components from 7 of 8 LoRA layers`` / ``pruned 3 of 8 LoRA layers`` /
+    :func:`patch_words`."""
+    patched = patch_words(report)
+    if patched is not None:
+        return patched
     acted = acted_on(report)
     if acted is None:
         return None
@@ -92,6 +118,8 @@ def _action_words(report: dict[str, Any]) -> str | None:
     words = acted_words(report)
     if words is None:
         return None
+    if words.startswith("patched"):
+        return "after the patch"
     verb, rest = words.split(" ", 1)
     return "after " + {"removed": "removing", "pruned": "pruning", "projected": "projecting"}.get(verb, "acting") + f" {rest}"
 

@@ -66,6 +66,7 @@ class CardFacts:
     made_by: str = "splora-callback"
     notes: list[str] = field(default_factory=list)
     why_unchanged: str | None = None  # the rule's reason for choosing nothing, in words
+    patched: str | None = None  # action="patch": what the patch did, in words (headline.patch_words)
 
 
 def rule_text(config: dict[str, Any]) -> str:
@@ -81,7 +82,7 @@ def rule_text(config: dict[str, Any]) -> str:
 
 def facts_from_report(report: dict[str, Any], report_link: str | None) -> CardFacts:
     """The card of a training run's report (the callback's end of training, or a checkpoint)."""
-    from .headline import STOP_REASONS, safety_summary
+    from .headline import STOP_REASONS, patch_words, safety_summary
 
     config = report.get("config", {})
     action = report.get("action") or {}
@@ -108,6 +109,7 @@ def facts_from_report(report: dict[str, Any], report_link: str | None) -> CardFa
         components=action.get("components"), predicted=predicted or None, measured=measured,
         report=report_link, made_by=f"SPLoRACallback, step {report.get('step')} ({report.get('status')})",
         why_unchanged=STOP_REASONS.get(((report.get("repair") or {}).get("measured_stop") or {}).get("reason")),
+        patched=patch_words(report),
     )
 
 
@@ -120,7 +122,10 @@ def card_block(facts: CardFacts) -> str:
     kinds = Counter(name.rsplit(".", 1)[-1] for name in facts.acted)
     mix = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
     verb = {"prune": "removed", "project": "projected onto the alignment subspace (Safe LoRA)"}.get(facts.action)
-    if verb and facts.acted:
+    if facts.action == "patch":
+        what = (f"`patch`: {facts.patched}; every LoRA layer and rank kept" if facts.patched
+                else "`patch`: nothing changed (the probe's refusal was already at its target)")
+    elif verb and facts.acted:
         what = (f"`{facts.action}`: {len(facts.acted)} of {facts.total_layers or '?'} LoRA layers {verb} ({mix})")
         if facts.components:
             removed = sum(len(indices) for indices in facts.components.values())

@@ -18,7 +18,8 @@ the update away, train the LoRA itself a little on the probe's (harmful request,
 
 The efficacy study (benchmarks/results/efficacy.md) measures it against the removal repairs and
 Safe Delta; its settings there (lr 4e-4, 10 probe pairs + 4 anchors per batch, restore 0.9) are
-the defaults here.
+the defaults here. ``SPLoRACallback(action="patch")`` runs it at the end of training through
+:func:`prepare_patch`: built aside, then swapped in or not at all.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 PATCH_STOPS = ("refusal_loss", "refusal_rate")
+ANCHOR_NEW_TOKENS = 24  # tokens of the LoRA's own answer per benign anchor: its opening, where a refusal shows (the study's)
 
 
 def anchor_pairs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
@@ -248,3 +250,61 @@ def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.P
         record.update(anchors=anchors, anchor_pairs=len(anchor),
                       anchor_loss={"before": anchor_losses[0], "after": anchor_losses[-1]})
     return record
+
+
+def patched_factors(
+    model: nn.Module, probe: Any, *, tokenizer: Any, benign_prompts: Sequence[str] | None, anchors: int = 4,
+    **options: Any,
+) -> tuple[list[nn.Parameter], list[torch.Tensor], dict[str, Any]]:
+    """:func:`safety_patch` run on clones of the LoRA factors, the model left as trained.
+
+    Anchors: ``benign_prompts`` answered greedily by the model as trained (:func:`anchor_pairs`,
+    :data:`ANCHOR_NEW_TOKENS` tokens). ``options``: :func:`safety_patch`'s.
+
+    Returns:
+        ``(factors, patched, record)``: the live factors (:func:`lora_factors`), their patched
+        values (same shapes, new tensors) and the patch's record (``anchor_requests`` added).
+    """
+    pairs = None
+    if anchors:
+        if not benign_prompts:
+            raise ValueError(f"safety_patch: anchors={anchors} needs benign requests (never used in alignment or "
+                             "evaluation) for the trained LoRA to answer; pass benign_prompts, or anchors=0.")
+        pairs = anchor_pairs(model, tokenizer, list(benign_prompts), max_new_tokens=ANCHOR_NEW_TOKENS,
+                             batch_size=len(benign_prompts))
+    factors = lora_factors(model)
+    trained = [parameter.data for parameter in factors]
+    try:
+        for parameter in factors:  # the patch steps write into clones: the trained tensors stay as they are
+            parameter.data = parameter.data.clone()
+        record = safety_patch(model, probe, tokenizer=tokenizer, anchor_pairs=pairs, anchors=anchors, **options)
+        patched = [parameter.data for parameter in factors]
+    finally:
+        for parameter, tensor in zip(factors, trained, strict=True):
+            parameter.data = tensor
+    record["anchor_requests"] = len(pairs or ())
+    return factors, patched, record
+
+
+def patch_action(model: nn.Module, factors: Sequence[nn.Parameter], patched: Sequence[torch.Tensor],
+                 record: dict[str, Any], adapter_name: str | None = None) -> Any:
+    """The :class:`~splora_callback.pruning.PreparedAction` that swaps ``patched`` into ``factors``
+    (reference swaps: ``commit`` all at once, ``rollback`` back to the trained tensors); its report
+    is ``action="patch"``, no layer removed, ``patch`` = ``record``."""
+    from .layers import resolve_adapter_name
+    from .pruning import ActionReport, PreparedAction
+    from .transaction import set_attribute
+
+    prepared = PreparedAction(ActionReport("patch", [], resolve_adapter_name(model, adapter_name), patch=record))
+    for parameter, tensor in zip(factors, patched, strict=True):
+        prepared.edits.add(set_attribute(parameter, "data", tensor))
+    return prepared
+
+
+def prepare_patch(model: nn.Module, probe: Any, *, tokenizer: Any, benign_prompts: Sequence[str] | None,
+                  anchors: int = 4, adapter_name: str | None = None, **options: Any) -> Any:
+    """The safety patch built aside (:func:`patched_factors`, then :func:`patch_action`): nothing
+    of the live model changes until the returned action's ``commit()``."""
+    factors, patched, record = patched_factors(model, probe, tokenizer=tokenizer, benign_prompts=benign_prompts,
+                                               anchors=anchors, **options)
+    return patch_action(model, factors, patched, record, adapter_name)

@@ -61,14 +61,34 @@ def check_action_needs(model: nn.Module, adapter: str, config: Any, names: list[
         ValueError: names the field (``exclude_modules``, ``rank_pattern``, ``alpha_pattern``), the
             key and the fix.
     """
-    if config.action == "none" or not (config.prune_at_end or config.prune_at_checkpoints):
-        return
+    if config.action in ("none", "patch") or not (config.prune_at_end or config.prune_at_checkpoints):
+        return  # the patch changes factor values only
     peft_config = model.peft_config[adapter] if hasattr(model, "peft_config") else {}
     try:
         check_adapter_patterns(peft_config, names, components=config.action == "prune" and config.granularity == "component")
     except ValueError as error:
         raise ValueError(f"SPLoRACallback: {error} (checked before step 1: the action at the end of training "
                          "would fail on it)") from error
+
+
+def check_patch_needs(config: Any, tokenizer: Any, sharded: bool) -> None:
+    """What ``action="patch"`` will need at the end of training, checked before step 1.
+
+    Raises:
+        ValueError: the model is sharded (FSDP / ZeRO-3); no tokenizer (the anchors' answers and the
+            rate stop generate); the rate stop with a probe without prompts. Each names the fix.
+    """
+    if sharded:
+        raise ValueError("SPLoRAConfig.action='patch' trains the live LoRA factors, which FSDP / ZeRO-3 shard: train "
+                         "with action='none' (or prune) and patch the saved adapter in one process afterwards "
+                         "(splora_callback.safety_patch).")
+    if tokenizer is None and (config.patch_anchors or config.patch_stop == "refusal_rate"):
+        raise ValueError("SPLoRAConfig.action='patch' generates answers (the benign anchors, the refusal-rate stop) "
+                         "and needs the tokenizer: pass it to the Trainer as processing_class=tokenizer (SFTTrainer "
+                         "does).")
+    if config.patch_stop == "refusal_rate" and not getattr(config.probe, "prompts", None):
+        raise ValueError("SPLoRAConfig.patch_stop='refusal_rate' answers the safety probe's prompts; this probe has "
+                         "none: build it with SafetyProbe.from_pairs(tokenizer, pairs), or patch_stop='refusal_loss'.")
 
 
 def warn_if_card_unmergeable(output_dir: str) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -41,12 +41,13 @@ class ActionReport:
     """What an action did.
 
     Attributes:
-        action: ``"prune"``, ``"project"`` or ``"none"``.
+        action: ``"prune"``, ``"project"``, ``"patch"`` or ``"none"``.
         layers: module names acted on, in selection order.
         parameters_removed: LoRA parameters removed (prune) or 0.
         components: component pruning only: module name -> the rank-one components removed
             (indices in the update's SVD order).
         kept_rank: component pruning only: module name -> rank left (0: the layer was pruned).
+        patch: ``action="patch"`` only: the safety patch's record (``splora_callback.patch``).
     """
 
     action: str
@@ -55,9 +56,14 @@ class ActionReport:
     parameters_removed: int = 0
     components: dict[str, list[int]] = field(default_factory=dict)
     kept_rank: dict[str, int] = field(default_factory=dict)
+    patch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data; ``patch`` only for a patch."""
+        data = asdict(self)
+        if data["patch"] is None:
+            del data["patch"]
+        return data
 
 
 def excluded(exclude_modules: str | Iterable[str] | None, names: Sequence[str]) -> str | set[str]:

@@ -99,7 +99,7 @@ def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
     """The one console line at the end: what was acted on (counted in its unit: rank-one components
     or layers), the safety signal against the aligned model, the layers that drifted most when
     nothing was changed, and where the report and adapter are."""
-    from .headline import acted_on, acted_words, most_drifted
+    from .headline import acted_on, acted_words, most_drifted, patch_words
 
     action = report.get("action") or {}
     config = report.get("config", {})
@@ -111,6 +111,9 @@ def final_line(report: dict[str, Any], html: Path | None, adapter: str) -> str:
         done = f"monitor only, nothing changed (prune_at_end=False; {len(report.get('selected', []))} layers would be selected)"
     elif action.get("refused"):
         done = f"nothing changed: {action['refused']}"
+    elif action.get("action") == "patch":
+        changed = patch_words(report) is not None
+        done = patch_words(report) or "nothing changed (the patch found the probe's refusal already at its target)"
     elif acted is None:
         reason = STOP_REASONS.get((report.get("repair") or {}).get("measured_stop", {}).get("reason"))
         done = ("monitor only, nothing changed" if action.get("action") == "none"

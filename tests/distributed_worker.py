@@ -259,6 +259,39 @@ def train_with_callback(data: Path, output_dir: Path) -> dict:
     }
 
 
+def check_patch(data: Path, out: Path) -> None:
+    """A real DDP Trainer with ``action="patch"`` (the loss stop): every rank's replica ends with
+    the same patched factors (rank 0's, broadcast), and the report is written once."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from splora_callback import SafetyProbe, SPLoRAConfig
+    from splora_callback.callback import SPLoRACallback
+    from splora_callback.patch import lora_factors
+
+    model = load(data, trainable=True)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (16, 12), generator=generator)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    probe_ids = torch.randint(0, 128, (6, 10), generator=generator)
+    labels = probe_ids.clone()
+    labels[:, :4] = -100
+    probe = SafetyProbe.from_tensors(probe_ids, torch.ones_like(probe_ids), labels, batch_size=3)
+    config = SPLoRAConfig(metric="probe", probe=probe, action="patch", patch_stop="refusal_loss", patch_anchors=0,
+                          patch_lr=1e-2, score_every_n_steps=0)
+    callback = SPLoRACallback(config)
+    args = TrainingArguments(
+        output_dir=str(out / "patch"), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        ddp_backend="gloo", dataloader_num_workers=0,
+    )
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    dump(out, "patch", {"world_size": world_size(), "record": (callback.action_report or {}).get("patch"),
+                        "failed": (callback.action_report or {}).get("failed"),
+                        "factors": [p.detach().double().flatten().tolist()[:64] + [p.detach().double().sum().item()]
+                                    for p in lora_factors(model)]})
+
+
 def check_bench(out: Path, modules: int = 32, size: int = 1024, rank_r: int = 8, repeats: int = 3) -> None:
     """Seconds to build the alignment slice and to score ``modules`` LoRA layers of size x size."""
     from peft import LoraConfig, get_peft_model
@@ -305,7 +338,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if "WORLD_SIZE" in os.environ and "trainer" not in args.checks and "deepspeed" not in args.checks:
+    if "WORLD_SIZE" in os.environ and not {"trainer", "patch", "deepspeed"} & set(args.checks.split(",")):
         dist.init_process_group("gloo")
     elif "deepspeed" in args.checks:
         dist.init_process_group("gloo")  # DeepSpeed reuses an initialised process group
@@ -317,6 +350,8 @@ def main() -> None:
             check_sharded(check, args.data, args.out)
         elif check == "trainer":
             check_trainer(args.data, args.out)
+        elif check == "patch":
+            check_patch(args.data, args.out)
         elif check == "bench":
             check_bench(args.out)
         else:

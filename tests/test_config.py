@@ -12,7 +12,7 @@ from splora_callback.rules import TopK
         ({"metric": "l2"}, r"SPLoRAConfig.metric='l2': expected one of ediem, cosine, probe, signed"),
         ({"null": "gauss"}, r"SPLoRAConfig.null='gauss': expected one of layers, permutation"),
         ({"select": "best"}, r"SPLoRAConfig.select='best': expected one of top_k, fraction, threshold"),
-        ({"action": "zero"}, r"SPLoRAConfig.action='zero': expected one of prune, project, none"),
+        ({"action": "zero"}, r"SPLoRAConfig.action='zero': expected one of prune, project, patch, none"),
         ({"alignment_dtype": "int8"}, r"SPLoRAConfig.alignment_dtype='int8'"),
         ({"permutations": 4}, r"SPLoRAConfig.permutations=4: must be >= 16"),
         ({"select": "top_k"}, r"SPLoRAConfig.k=None: select='top_k' needs an integer k >= 0"),

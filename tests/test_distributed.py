@@ -341,6 +341,18 @@ def test_trainer_ddp_with_callback(data, tmp_path):
         assert_scores_close(got, want)
 
 
+def test_trainer_ddp_patch_leaves_every_replica_the_same(data, tmp_path):
+    """action='patch' under DDP: the patch ran (>= 1 step, its loss stop reached) and both replicas
+    hold the same patched LoRA factors; only the main process wrote the report."""
+    launch("patch", data, tmp_path, timeout=300)
+    first, second = results(tmp_path, "patch")
+    assert [first["world_size"], second["world_size"]] == [2, 2]
+    assert first["failed"] is None and second["failed"] is None
+    assert first["record"]["steps"] >= 1 and first["record"]["reached_target"]
+    assert first["record"] == second["record"] and first["factors"] == second["factors"]
+    assert (tmp_path / "patch" / "splora_report.json").is_file()
+
+
 # --- the shipped Accelerate configs ----------------------------------------------------------------
 
 

@@ -86,3 +86,151 @@ def test_a_failed_patch_leaves_the_lora_as_trained(patch_setup):  # noqa: F811
     with pytest.raises(RuntimeError, match="generation failed"):
         safety_patch(model, probe, lr=1e-2, batch_size=2, anchors=0, measure_rate=measure, seed=1)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def _patch_run(tmp_path, callback, out: str = "run"):
+    """A tiny Llama LoRA trained 6 steps (lr 1e-2) with ``callback``; returns (trainer, the adapter
+    as trained: the last checkpoint's weights)."""
+    from peft import LoraConfig, get_peft_model
+    from test_components import _rows
+    from test_safety import tokenizer
+    from tiny import ATTENTION, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, lora_dropout=0.1))
+    args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=6,
+                             learning_rate=1e-2, save_strategy="steps", save_steps=6, report_to=[], seed=0,
+                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_rows(), callbacks=[callback], processing_class=tokenizer())
+    trainer.train()
+    return trainer
+
+
+BENIGN = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
+
+
+def test_callback_patch_is_the_live_model_and_the_saved_adapter(tmp_path):
+    """action='patch' at the end of training: the loss stop reached in >= 1 step, the live model's
+    probe loss is the record's, only LoRA factors moved (the last checkpoint keeps the adapter as
+    trained), save_model writes the patched adapter, and every surface says 'patch'."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_probe import random_probe
+
+    from splora_callback import SPLoRACallback
+    from splora_callback.safety import adapters_disabled
+
+    probe = random_probe(seed=9)
+    callback = SPLoRACallback(metric="probe", probe=probe, action="patch", patch_stop="refusal_loss", patch_lr=1e-2,
+                              patch_anchors=2, benign_prompts=BENIGN, score_every_n_steps=0)
+    trainer = _patch_run(tmp_path, callback)
+    model = trainer.model
+    record = callback.action_report["patch"]
+    with adapters_disabled(model):
+        aligned = probe_loss(probe, model)
+    assert callback.action_report["action"] == "patch" and callback.action_report["layers"] == []
+    assert record["refusal_loss"]["before"] > aligned, "the LoRA as trained already refuses: nothing to test"
+    assert record["steps"] >= 1 and record["reached_target"] and record["target_refusal_loss"] == pytest.approx(aligned)
+    assert probe_loss(probe, model) == pytest.approx(record["refusal_loss"]["after"], abs=1e-6)
+    assert record["refusal_loss"]["after"] <= aligned
+    assert record["anchors"] == 2 and record["anchor_requests"] == len(BENIGN)
+    trained = load_file(tmp_path / "run" / "checkpoint-6" / "adapter_model.safetensors")
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys() and any(not torch.equal(saved[k], trained[k]) for k in saved)
+    live = {name.replace(".default", ""): p for name, p in model.named_parameters() if "lora_" in name}
+    for key, tensor in saved.items():
+        assert torch.equal(tensor, live[key].detach()), key
+    report = json.loads((tmp_path / "run" / "splora_report.json").read_text())
+    assert report["action"]["patch"]["steps"] == record["steps"]
+    assert report["safety"]["after_action"]["refusal_loss"] == pytest.approx(record["refusal_loss"]["after"], abs=1e-6)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"`patch`: patched the LoRA: {record['steps']} step" in card and "every LoRA layer and rank kept" in card
+    html = (tmp_path / "run" / "splora_report.html").read_text()
+    assert "Patched the LoRA" in html and "no LoRA layer or component removed" in html
+
+
+def test_a_failing_patch_leaves_the_live_model_as_trained(tmp_path, monkeypatch):
+    """The patch raises on its third step: the live model is the adapter as trained (bit for bit),
+    the report records the failure, the training is not lost."""
+    from safetensors.torch import load_file
+    from test_probe import random_probe
+
+    import splora_callback.patch as patch_module
+    from splora_callback import SPLoRACallback
+
+    real = patch_module._patch_steps
+
+    def failing(model, *args, **kwargs):
+        steps = {"n": 0}
+
+        def step(module, grad_input, grad_output):
+            steps["n"] += 1
+            if steps["n"] > 2:
+                raise RuntimeError("planted failure in the patch")
+
+        handle = model.get_output_embeddings().register_full_backward_hook(step)
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(patch_module, "_patch_steps", failing)
+    callback = SPLoRACallback(metric="probe", probe=random_probe(seed=9), action="patch", patch_stop="refusal_loss",
+                              patch_lr=1e-5, patch_anchors=0, score_every_n_steps=0)  # small steps: > 2 needed
+    trainer = _patch_run(tmp_path, callback)
+    assert "planted failure" in callback.action_report["failed"]
+    trained = load_file(tmp_path / "run" / "checkpoint-6" / "adapter_model.safetensors")
+    live = {name.replace(".default", ""): p for name, p in trainer.model.named_parameters() if "lora_" in name}
+    for key, tensor in trained.items():
+        assert torch.equal(tensor, live[key].detach()), key
+
+
+def test_patch_config_and_needs_are_checked_before_step_one(tmp_path):
+    from test_probe import random_probe
+
+    from splora_callback import SPLoRACallback, SPLoRAConfig
+
+    probe = random_probe(seed=9)
+    with pytest.raises(ValueError, match="patch_anchors=4 needs benign_prompts"):
+        SPLoRAConfig(probe=probe, action="patch")
+    with pytest.raises(ValueError, match="action='patch' trains the LoRA on the safety probe"):
+        SPLoRAConfig(action="patch", base_model="b", patch_anchors=0)
+    with pytest.raises(ValueError, match=r"SPLoRAConfig.patch_restore=1.5 must be in \(0, 1\]"):
+        SPLoRAConfig(probe=probe, action="patch", patch_anchors=0, patch_restore=1.5)
+    with pytest.raises(ValueError, match="acts at the end of training only"):
+        SPLoRAConfig(probe=probe, action="patch", patch_anchors=0, prune_at_checkpoints=True)
+    config = SPLoRAConfig(probe=probe, action="patch", benign_prompts=BENIGN)
+    assert config.select == "fraction" and "patch the LoRA: up to 20 steps" in config.plan()[0]
+    callback = SPLoRACallback(metric="probe", probe=probe, action="patch", benign_prompts=BENIGN)  # rate stop: prompts
+    with pytest.raises(ValueError, match="patch_stop='refusal_rate' answers the safety probe's prompts"):
+        _patch_run(tmp_path, callback)
+    assert not (tmp_path / "run" / "checkpoint-6").exists()
+
+
+def test_the_rate_stop_with_nothing_to_restore_changes_nothing_and_says_so(tmp_path, caplog):
+    """The rate stop on the probe's own prompts: a LoRA that refuses as often as the aligned model
+    (here: never; no refusal word in the vocabulary) gets 0 steps, and the card and the end line say
+    nothing changed."""
+    import logging
+
+    from safetensors.torch import load_file
+    from test_safety import tokenizer
+
+    from splora_callback import SafetyProbe, SPLoRACallback
+
+    probe = SafetyProbe.from_pairs(tokenizer(), [("w1 w2 w3", "w9 w8"), ("w4 w5", "w9 w7"), ("w6 w7", "w9 w6")],
+                                   max_length=16, batch_size=3)
+    callback = SPLoRACallback(metric="probe", probe=probe, action="patch", benign_prompts=BENIGN,
+                              score_every_n_steps=0)
+    with caplog.at_level(logging.INFO, logger="splora_callback.console"):
+        trainer = _patch_run(tmp_path, callback)
+    record = callback.action_report["patch"]
+    assert record["steps"] == 0 and record["refusal_rate_by_step"] == [0.0] and record["aligned_refusal_rate"] == 0.0
+    trained = load_file(tmp_path / "run" / "checkpoint-6" / "adapter_model.safetensors")
+    live = {name.replace(".default", ""): p for name, p in trainer.model.named_parameters() if "lora_" in name}
+    assert all(torch.equal(tensor, live[key].detach()) for key, tensor in trained.items())
+    assert "nothing changed (the patch found the probe's refusal already at its target)" in caplog.text
+    assert "`patch`: nothing changed" in (tmp_path / "run" / "README.md").read_text()
