@@ -204,25 +204,26 @@ def saved_layer_names(state_dict: Mapping[str, object]) -> list[str]:
 
 
 def with_pattern(rank_pattern: dict | None, alpha_pattern: dict | None, name: str, rank: int, alpha: float) -> tuple[dict, dict]:
-    """``rank_pattern`` / ``alpha_pattern`` with an exact-name entry for module ``name``.
+    """``rank_pattern`` / ``alpha_pattern`` with an exact-name entry for module ``name``, first.
 
-    PEFT matches pattern keys as regular expressions and takes the first match in key order, and
-    writes ``adapter_config.json`` with sorted keys: the key ``(?:<escaped name>)`` sorts before
-    names and the usual patterns. Checked: if another key would still win, refuse.
+    PEFT matches pattern keys as regular expressions and takes the first match. Older PEFT writes
+    ``adapter_config.json`` with sorted keys, PEFT >= 0.22 keeps the patterns' order: the entry
+    ``(?:<escaped name>)`` goes first and sorts before names and the usual patterns. Checked in
+    both orders: if another key would still win, refuse.
 
     Raises:
         ValueError: a pattern of the adapter's config would shadow the entry when PEFT reloads it.
     """
     key = f"(?:{re.escape(name)})"
-    ranks = {**(rank_pattern or {}), key: rank}
-    alphas = {**(alpha_pattern or {}), key: alpha}
+    ranks = {key: rank, **{k: v for k, v in (rank_pattern or {}).items() if k != key}}
+    alphas = {key: alpha, **{k: v for k, v in (alpha_pattern or {}).items() if k != key}}
     for pattern, label in ((ranks, "rank_pattern"), (alphas, "alpha_pattern")):
         winner = get_pattern_key(sorted(pattern), name)
         if winner != key:
             raise ValueError(
                 f"{name}: the adapter config's {label} key {winner!r} would override the pruned module's "
-                f"rank on reload (PEFT takes the first matching key in sorted order); rename that pattern "
-                "so it sorts after '(?:' or prune whole layers instead."
+                f"rank on reload (PEFT versions that sort the patterns take the first matching key in "
+                "sorted order); rename that pattern so it sorts after '(?:' or prune whole layers instead."
             )
     return ranks, alphas
 
