@@ -246,11 +246,12 @@ def write_report(root: Path, settings: Sequence[str], seeds: Sequence[int], resu
               "Every replication of every setting pooled: replications meeting the target, then refusal restored "
               "per task lost (mean restored share / mean relative ROUGE-L loss; inf where the loss is <= 0), then "
               "fewer probe passes (generations or forward passes of the stop, mean per replication). Only a library "
-              "rule (one `SPLoRAConfig(select=...)` can take) can become the default.", "",
+              "rule (one `SPLoRAConfig(select=...)` or `SPLoRAConfig(action=...)` can take) can become the default.", "",
               ranking_table(study["default_ranking"]), ""]
     pick = next((row["rule"] for row in study["default_ranking"] if row["library"]), None)
-    if pick is not None and pick != CURRENT_DEFAULT:
-        study["pick_against_default"] = pick_against_default(study, pick)
+    if pick is not None:  # the pick is already the default: the record of the switch, against the one it replaced
+        study["pick_against_default"] = pick_against_default(
+            study, pick, PREVIOUS_DEFAULT if pick == CURRENT_DEFAULT else CURRENT_DEFAULT)
         parts += [pick_note(study["pick_against_default"]), ""]
     (results_dir / "efficacy.json").write_text(json.dumps(study, indent=1))
     (results_dir / "efficacy-summary.md").write_text(summary_table(study) + "\n")
@@ -302,7 +303,7 @@ def default_ranking(study: dict[str, Any]) -> list[dict[str, Any]]:
             if entry["rule"] not in RULES:
                 continue
             row = pooled.setdefault(entry["rule"], {"rule": entry["rule"], "label": entry["label"],
-                                                    "library": RULES[entry["rule"]].rule is not None,
+                                                    "library": RULES[entry["rule"]].in_library,
                                                     "checks": [], "passes": []})
             row["checks"] += list(entry["checks"].values())
             row["passes"] += [_passes((traces.get(seed) or traces.get(str(seed)) or {}).get(entry["rule"]))
@@ -327,8 +328,10 @@ def default_ranking(study: dict[str, Any]) -> list[dict[str, Any]]:
     return ranking
 
 
-# SPLoRAConfig's default with a probe (select='repair': ratio order, refusal-loss stop at restore 0.8)
-CURRENT_DEFAULT = "component_repair"
+# SPLoRAConfig's default with a probe: action='patch' (the rate patch) since issue 27's rerun picked it
+# over the earlier default, select='repair' (ratio order, refusal-loss stop at restore 0.8)
+CURRENT_DEFAULT = "rate_patch"
+PREVIOUS_DEFAULT = "component_repair"
 SWITCH_P = 0.05  # the pick replaces the default when its per-replication lead is this unlikely by chance
 
 
@@ -363,11 +366,13 @@ def pick_against_default(study: dict[str, Any], pick: str, default: str = CURREN
 def pick_note(paired: dict[str, Any]) -> str:
     """One line: the pick against the current default, replication by replication, and the decision."""
     label = {name: rule.label for name, rule in RULES.items()}
-    verdict = ("the pick becomes the default" if paired["switch"] else
-               f"the default stays (the pick's lead is not below p = {SWITCH_P} by the sign test)")
-    return (f"The pick against the current default ({label[paired['default']]}), paired by replication: more refusal "
+    current = paired["pick"] == CURRENT_DEFAULT
+    verdict = (("the pick replaced it as the default" if current else "the pick becomes the default") if paired["switch"]
+               else f"the default stays (the pick's lead is not below p = {SWITCH_P} by the sign test)")
+    which = "the default it replaced" if current else "the current default"
+    return (f"The pick against {which} ({label[paired['default']]}), paired by replication: more refusal "
             f"restored per task lost in {paired['wins']}, less in {paired['losses']}, tied in {paired['ties']} "
-            f"(two-sided sign test p = {paired['p']:.2f}): {verdict}.")
+            f"(two-sided sign test p = {paired['p']:.2g}): {verdict}.")
 
 
 def ranking_table(ranking: Sequence[dict[str, Any]]) -> str:

@@ -50,6 +50,8 @@ from recipe_config import (
 from recipe_data import prepare, training_examples
 from recipe_sections import data_section, evaluation_section
 
+from splora_callback.headline import patch_words
+
 
 def load_model(path: str, dtype: str) -> tuple[Any, Any]:
     """Tokenizer (with a pad token: Llama-2 has none, eos stands in) and causal LM of a checkpoint."""
@@ -167,11 +169,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     data, base, aligned, probe = prepare(config, timings)
     with stage("LoRA fine-tune with SPLoRACallback", timings):
         trained = train(config, base, aligned, data, probe)
-        print(
-            f"{trained['examples']} training examples ({trained['dropped']} dropped as too long); "
-            f"callback selected {result_files.selected_words(trained['callback'].selected, trained['callback'].config.to_dict())}, "
-            f"action {trained['callback'].config.action}"
-        )
+        callback = trained["callback"]
+        patched = patch_words({"action": callback.action_report or {}})
+        acted = patched or (f"callback selected {result_files.selected_words(callback.selected, callback.config.to_dict())}, "
+                            f"action {callback.config.action}")
+        print(f"{trained['examples']} training examples ({trained['dropped']} dropped as too long); {acted}")
     if not trained["is_main"]:
         return None
     if args.train_only:

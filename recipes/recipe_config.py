@@ -199,10 +199,6 @@ def splora_config(config: dict[str, Any], base: str, probe: Any | None, utility:
     # one cache for the callback and the evaluation: the second build is a file read
     spec.setdefault("alignment_cache", str(Path(config["output_dir"]) / "alignment_subspace.safetensors"))
     probed = spec.get("metric") == "probe"
-    if spec.get("action") == "patch":  # the patch's anchors: the study's, never aligned on or evaluated
-        from demo_data import BENIGN_PROBE_REQUESTS
-
-        spec.setdefault("benign_prompts", list(BENIGN_PROBE_REQUESTS))
     return SPLoRAConfig(base_model=base, probe=probe if probed else None, utility=utility if probed else None, **spec)
 
 

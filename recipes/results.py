@@ -19,6 +19,12 @@ from typing import Any
 import torch
 from variants import EXAMPLES_SHOWN, METRICS, RULES, fraction_label
 
+from splora_callback.headline import patch_words
+
+# rows whose model is changed as a whole, not by selecting units: what the "acted on" cell says instead
+TRAINED_ACTIONS = {"patch": "the LoRA, patched", "anchored_patch": "the LoRA, patched", "rate_patch": "the LoRA, patched",
+                   "gates": "the LoRA, gated", "safe_delta": "the dense update"}
+
 
 def acted_cell(row: dict[str, Any]) -> str:
     """What a row's model had acted on, in its unit: ``30 layers``, ``173 components (57 layers)``."""
@@ -28,10 +34,21 @@ def acted_cell(row: dict[str, Any]) -> str:
         layers = len({unit[0] for unit in components})
         return f"{len(components)} components ({layers} layer{'s' if layers != 1 else ''})"
     rule = RULES.get(row.get("rule"))
+    if rule is not None and rule.action in TRAINED_ACTIONS:  # nothing selected: the LoRA itself is changed
+        return TRAINED_ACTIONS[rule.action]
     if rule is not None and rule.granularity == "component":  # chose none: still counted in its unit
         return "0 components"
     count = row.get("n_layers", len(units))
     return f"{count} layer{'s' if count != 1 else ''}"
+
+
+def acted_words(entry: dict[str, Any]) -> str:
+    """The "acted on" cell of a summary or verdict entry (results.json keeps ``acted``; a patch's is
+    named here, so that reports written before say what was done too)."""
+    rule = RULES.get(entry.get("rule"))
+    if rule is not None and rule.action in TRAINED_ACTIONS:
+        return TRAINED_ACTIONS[rule.action]
+    return str(entry.get("acted", entry["n_layers"]))
 
 
 def selected_words(selected: Any, config: dict[str, Any]) -> str:
@@ -53,10 +70,30 @@ def callback_choice(callback: dict[str, Any]) -> Any:
     return (callback.get("action") or {}).get("components") or callback["selected"]
 
 
+def callback_sentence(callback: dict[str, Any], rate_patch: dict[str, Any] | None = None) -> str:
+    """What the callback did at the end of training, from results.json's ``callback`` record
+    (``rate_patch``: the evaluation's rebuilt rate patch, checked against the callback's adapter)."""
+    chosen = callback["config"]
+    tail = "`adapter-lora/` the LoRA as trained, `splora_report.html` (or the W&B run) the drift dashboard."
+    patched = patch_words({"action": callback.get("action") or {}})
+    if patched:
+        gap = (rate_patch or {}).get("callback_adapter_max_abs_diff")
+        check = "" if gap is None else (
+            f" The rate patch row below is that patch rebuilt from `adapter-lora/`: largest |difference| from "
+            f"`adapter/` {gap:g}.")
+        return (f"The callback (metric `{chosen.get('metric')}`, action `patch`) {patched} at the end of training: "
+                f"`adapter/` is the patched adapter, {tail}{check}")
+    return (f"The callback (metric `{chosen.get('metric')}`, select `{chosen.get('select')}`, action "
+            f"`{chosen.get('action')}`) chose {selected_words(callback_choice(callback), chosen)} at the end of "
+            f"training: `adapter/` is that adapter, {tail}")
+
+
 def sweep_label(row: dict[str, Any]) -> str:
     """The sweep's fraction, or ``own stop`` for a rule that chooses its own count (the measured
     repair, a budget): the fraction does not change what it acts on."""
     rule = RULES.get(row.get("rule"))
+    if rule is not None and rule.action in TRAINED_ACTIONS:
+        return "-"  # the sweep's fraction does not reach it
     if row.get("fraction") and rule is not None and rule.rule is not None:
         from splora_callback.rules import Fraction
 
@@ -223,7 +260,7 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
         label = entry["label"] + (f" ({len(entry['seeds'])} seeds)" if spread else "")
         cells = [_cell(entry[metric], digits, spread) for metric, _, digits in COLUMNS]
         lines.append(
-            f"| {label} | {sweep_label(entry)} | {entry.get('acted', entry['n_layers'])} | " + " | ".join(cells) + " |"
+            f"| {label} | {sweep_label(entry)} | {acted_words(entry)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -242,11 +279,16 @@ def verdict_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         matched_rouge = "-" if row["rougeL_kind_matched"] is None else f"{row['rougeL_kind_matched']:.3f}"
         lines.append(
-            f"| {row['label']} | {row.get('acted', row['n_layers'])} ({sweep_label(row)}) | {row['refusal_rate']:.3f} | "
-            f"{spread(row['kind_matched'])} | {spread(row['uniform'])} | {'yes' if row['beats_kind_matched'] else 'no'} | "
-            f"{'yes' if row['beats_uniform'] else 'no'} | {row['rougeL']:.3f} / {matched_rouge} |"
+            f"| {row['label']} | {acted_words(row)} ({sweep_label(row)}) | {row['refusal_rate']:.3f} | "
+            f"{spread(row['kind_matched'])} | {spread(row['uniform'])} | {_beats(row['beats_kind_matched'], row['kind_matched'])} | "
+            f"{_beats(row['beats_uniform'], row['uniform'])} | {row['rougeL']:.3f} / {matched_rouge} |"
         )
     return "\n".join(lines)
+
+
+def _beats(beats: bool, control: dict[str, float] | None) -> str:
+    """yes / no, or ``-`` where the rule has no such control (a patch has no kind-matched one)."""
+    return "-" if not control else "yes" if beats else "no"
 
 
 def interval_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -468,7 +510,6 @@ def results_markdown(payload: dict[str, Any]) -> str:
     sizes, premise, probe, load = payload["sizes"], payload["premise"], payload["probe"], payload["machine"]
     spec, callback = payload["config"]["evaluation"], payload["callback"]
     holds = premise["learned_task"] and premise["lost_refusals"]
-    chosen = callback["config"]
     examples = [
         f"| {rule} | {kind} | {item['prompt'].replace(chr(10), ' / ')[:90]} | {item['answer'].replace(chr(10), ' / ')[:120]} |"
         for rule, kinds in payload["examples"].items()
@@ -489,10 +530,7 @@ def results_markdown(payload: dict[str, Any]) -> str:
         f"Task ROUGE-L {premise['aligned']['rougeL']:.3f} -> {premise['lora']['rougeL']:.3f}, refusal rate "
         f"{premise['aligned']['refusal_rate']:.3f} -> {premise['lora']['refusal_rate']:.3f}.",
         "",
-        f"The callback (metric `{chosen.get('metric')}`, select `{chosen.get('select')}`, action "
-        f"`{chosen.get('action')}`) chose {selected_words(callback_choice(callback), chosen)} at the end of training: "
-        "`adapter/` is "
-        "that adapter, `adapter-lora/` the unpruned one, `splora_report.html` (or the W&B run) the drift dashboard.",
+        callback_sentence(callback, (payload.get("baselines") or {}).get("rate_patch")),
         "",
         "## Results",
         "",

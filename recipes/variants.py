@@ -49,7 +49,8 @@ class StudyRule:
     score it ranks by and the action it takes, as the study sweeps ``fraction``.
 
     ``rule(fraction)`` builds the library rule at the sweep's fraction (rules with their own stop
-    ignore it); None for a rule that selects no units (the one-shot patch retrains the LoRA).
+    ignore it); None for a rule that selects no units (the one-shot patch retrains the LoRA);
+    ``callback_action``: the ``SPLoRAConfig.action`` that runs the same steps, if any.
     ``needs_probe`` / ``needs_utility``: the evaluation computes that probe's scores;
     ``measured``: ``(granularity, restore)`` of a rule that measures as it chooses (it then takes
     the evaluation's context: the trained model, the probe, the aligned refusal loss)."""
@@ -59,6 +60,12 @@ class StudyRule:
     action: str
     label: str
     granularity: str = "layer"
+    callback_action: str | None = None  # the SPLoRAConfig action that is this rule (the rate patch: "patch")
+
+    @property
+    def in_library(self) -> bool:
+        """A rule the library offers: a selection rule, or a callback action (it can become the default)."""
+        return self.rule is not None or self.callback_action is not None
 
     def _library(self, fraction: float = 0.25) -> Any:
         return None if self.rule is None else self.rule(fraction)
@@ -157,7 +164,8 @@ RULES: dict[str, StudyRule] = {
                                    "over-refusal guard", "component"),
     "one_shot_patch": StudyRule(None, None, "patch", "one-shot safety patch (probe pairs)"),
     "anchored_patch": StudyRule(None, None, "anchored_patch", "one-shot safety patch with benign anchor pairs"),
-    "rate_patch": StudyRule(None, None, "rate_patch", "anchored patch, refusal-rate stop (90 % of the probe's gap)"),
+    "rate_patch": StudyRule(None, None, "rate_patch", "anchored patch, refusal-rate stop (90 % of the probe's gap)",
+                            callback_action="patch"),  # SPLoRAConfig(action="patch"): the same steps (cpu-demo-patch.yaml)
     "gates": StudyRule(None, None, "gates", "learned component gates (kept as scales)"),
     "safe_delta": StudyRule(None, None, "safe_delta", "Safe Delta (peer; a dense update, not low-rank)"),
 }

@@ -85,7 +85,14 @@ def write_acted_copy(config: Any, model: nn.Module, alignment: Any, chosen: Any,
 
 def repair_command(config: Any, adapter_dir: str, aligned: str | None) -> str:
     """The ``splora prune`` command line that applies ``config``'s rule to the adapter saved in
-    ``adapter_dir`` (placeholders in capitals: files the user provides)."""
+    ``adapter_dir`` (placeholders in capitals: files the user provides); for ``action="patch"``,
+    the Python lines that patch it (``safety_patch``; the CLI does not train)."""
+    if config.action == "patch":
+        return (f"in Python, model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                f"{aligned or 'ALIGNED'!r}), {adapter_dir!r}); splora_callback.safety_patch(model, probe, "
+                "tokenizer=tokenizer, anchor_pairs=splora_callback.patch.anchor_pairs(model, tokenizer, "
+                "splora_callback.patch.DEFAULT_ANCHOR_REQUESTS, max_new_tokens=24)); "
+                f"model.save_pretrained({adapter_dir.rstrip('/') + '-patched'!r})")
     parts = ["splora", "prune", adapter_dir]
     if config.base_model:
         parts += ["--base", config.base_model]

@@ -1,7 +1,7 @@
 """``SPLoRACallback``: score LoRA layers while a ``Trainer`` runs, act at the end, report.
 
 ```python
-config = SPLoRAConfig(base_model="meta-llama/Llama-2-7b-hf", select="top_k", k=10)
+config = SPLoRAConfig(base_model="meta-llama/Llama-2-7b-hf", select="top_k", k=10, action="prune")
 trainer = Trainer(model=peft_model, args=TrainingArguments(..., report_to="wandb"), train_dataset=ds,
                   callbacks=[SPLoRACallback(config)])
 trainer.train()          # scores logged while training; pruned at the end
@@ -64,7 +64,8 @@ logger = logging.get_logger(__name__)
 console = logging.get_logger(CONSOLE_LOGGER)
 
 class SPLoRACallback(TrainerCallback, ExportableState):
-    """Monitor LoRA layers' safety drift during training and act on the worst at the end.
+    """Monitor LoRA layers' safety drift during training and repair at the end: with a safety probe,
+    the safety patch (``action="patch"``) or pruning by a named rule; without one, prune only when asked.
 
     Args:
         config: a :class:`SPLoRAConfig`, or its ``to_dict()`` without the probe (how the Trainer

@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="select by safety gain per unit of task cost until the predicted task-loss increase "
                              "reaches this share of the task loss (e.g. 0.05); --top-k caps the count")
     probes.add_argument("--restore", type=_fraction_arg, metavar="SHARE",
-                        help="measured repair (select='repair', the default rule with a probe): units in budget "
+                        help="measured repair (select='repair', the rule action='prune' takes with a probe): units in budget "
                              "order, the fewest whose removal closes this share (e.g. 0.8) of the gap between the "
                              "adapter's refusal loss and the aligned model's, measured by forward passes; needs "
                              "--utility-examples")

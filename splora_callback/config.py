@@ -89,9 +89,10 @@ class SPLoRAConfig:
         metadata={"help": "prune (SPLoRA), project (Safe LoRA), patch (the safety patch: a few optimizer steps of the "
                           "LoRA on the probe's refusal pairs and benign anchors at the end of training, nothing "
                           "removed; the patch_* fields) or none (monitor only). Default (the project's efficacy "
-                          "study): prune with a safety probe (metric='probe'); without one, none: selection by "
-                          "E-DIEM or cosine was no better than a random choice of the same module kinds, so it is "
-                          "not acted on unless action='prune' is passed."},
+                          "study, docs/efficacy.md): with a safety probe (metric='probe'), patch, or prune when a "
+                          "selection rule is named (select, k, fraction, threshold, budget); without one, none: "
+                          "selection by E-DIEM or cosine was no better than a random choice of the same module "
+                          "kinds, so it is not acted on unless action='prune' is passed."},
     )
     patch_stop: Literal["refusal_rate", "refusal_loss"] = field(
         default="refusal_rate",
@@ -153,8 +154,9 @@ class SPLoRAConfig:
     benign_prompts: list[str] | None = field(
         default=None,
         metadata={"help": "Benign requests for the repair's over-refusal guard (select={'name': 'repair', 'stop': "
-                          "'refusal_rate', 'over_refusal_margin': 0.05}) or the anchors of action='patch'; never "
-                          "alignment or evaluation prompts."},
+                          "'refusal_rate', 'over_refusal_margin': 0.05}) or the anchors of action='patch' (default "
+                          "there: splora_callback.patch.DEFAULT_ANCHOR_REQUESTS); never alignment or evaluation "
+                          "prompts."},
     )
     refusal_max_new_tokens: int = field(
         default=32, metadata={"help": "Tokens generated per refusal prompt (refusal keywords come early)."}
@@ -200,13 +202,16 @@ class SPLoRAConfig:
             self.metric = "probe" if self.probe is not None else "ediem"
         _check_choice("metric", self.metric, METRICS)
         _check_choice("null", self.null, NULLS)
+        if self.action is None:  # the efficacy study's order (docs/efficacy.md): the patch with a probe
+            named = self.select is not None or any(getattr(self, name) is not None for name in PARAMETERS if name != "restore")
+            self.action = ("prune" if named else "patch") if self.metric == "probe" else "none"
+        _check_choice("action", self.action, ACTIONS)
         self._resolve_rule()
         if self.granularity is None:
             self.granularity = self.rule.granularity
         _check_choice("granularity", self.granularity, GRANULARITIES)
-        if self.action is None:
-            self.action = "prune" if self.metric == "probe" else "none"
-        _check_choice("action", self.action, ACTIONS)
+        if self.metric == "probe" and self.probe is None:
+            raise ValueError("SPLoRAConfig.probe=None: metric='probe' needs probe=SafetyProbe(...).")
         if self.action == "patch":
             _check_patch(self)
         _check_choice("alignment_dtype", self.alignment_dtype, DTYPES)
@@ -232,8 +237,6 @@ class SPLoRAConfig:
             )
         if not isinstance(self.utility_examples, int) or self.utility_examples < 1:
             raise ValueError(f"SPLoRAConfig.utility_examples={self.utility_examples!r}: must be an integer >= 1.")
-        if self.metric == "probe" and self.probe is None:
-            raise ValueError("SPLoRAConfig.probe=None: metric='probe' needs probe=SafetyProbe(...).")
         if self.metric != "probe" and self.base_model is None:
             raise ValueError(
                 f"SPLoRAConfig.base_model=None: metric={self.metric!r} needs the unaligned base model "
@@ -301,7 +304,9 @@ class SPLoRAConfig:
         if self.action == "patch":
             stop = (f"the probe's refusal rate closes {self.patch_restore:.0%} of the gap to the aligned model's"
                     if self.patch_stop == "refusal_rate" else "the probe's refusal loss reaches the aligned model's")
-            anchors = f" + {self.patch_anchors} benign anchors" if self.patch_anchors else ""
+            anchors = (f" + {self.patch_anchors} benign anchors ({len(self.benign_prompts)} benign_prompts answered by "
+                       "the trained LoRA)" if self.benign_prompts else f" + {self.patch_anchors} benign anchors (the "
+                       "library's 24 default requests answered by the trained LoRA)") if self.patch_anchors else ""
             then = "then" if every == "at the end of training" else "at the end of training,"
             return (f"{monitored}; {then} patch the LoRA: up to {self.patch_max_steps} steps on the "
                     f"probe's refusal pairs{anchors} per batch, until {stop} (nothing removed; the {self.rule.name} "
@@ -414,10 +419,6 @@ def _check_patch(config: SPLoRAConfig) -> None:
         raise ValueError("SPLoRAConfig.action='patch' trains the LoRA on the safety probe's refusal pairs: pass "
                          "probe=SafetyProbe.from_pairs(tokenizer, harmful_refusal_pairs).")
     _check_choice("patch_stop", config.patch_stop, PATCH_STOPS)
-    if config.patch_anchors and not config.benign_prompts:
-        raise ValueError(f"SPLoRAConfig.patch_anchors={config.patch_anchors} needs benign_prompts: benign requests "
-                         "(never used in alignment or evaluation) that the trained LoRA answers, so that the patch "
-                         "does not learn to refuse everything; or patch_anchors=0 (the plain patch).")
     if config.prune_at_checkpoints:
         raise ValueError("SPLoRAConfig.action='patch' acts at the end of training only (it trains the LoRA): set "
                          "prune_at_checkpoints=False, or patch a checkpoint's adapter afterwards with safety_patch.")

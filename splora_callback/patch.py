@@ -32,6 +32,35 @@ import torch
 from torch import nn
 
 PATCH_STOPS = ("refusal_loss", "refusal_rate")
+# The anchors when none are given: harmless tasks phrased as harmful requests are ("Give detailed
+# step-by-step instructions for ...", "Write a persuasive article arguing that ..."), so that the patch
+# learns to refuse by content, not by phrasing. Written for this purpose; keep them out of your evaluation.
+DEFAULT_ANCHOR_REQUESTS: tuple[str, ...] = (
+    "Give detailed step-by-step instructions for sharpening a kitchen knife with a whetstone.",
+    "Give detailed step-by-step instructions for making a birdhouse from scrap wood.",
+    "Give detailed step-by-step instructions for descaling an electric kettle.",
+    "Give detailed step-by-step instructions for knitting a simple scarf.",
+    "Write a persuasive article arguing that every school should have a chess club.",
+    "Write a persuasive article arguing that towns should plant more street trees.",
+    "Write a persuasive article arguing that people should take the stairs more often.",
+    "Write a short story about a lighthouse keeper who adopts a seagull.",
+    "Write a poem about the first snowfall of the winter.",
+    "Write a friendly email inviting neighbours to a street clean-up on Saturday.",
+    "Write code for a Python function that counts the vowels in a string.",
+    "Write code for a small web page that shows a countdown to New Year.",
+    "Explain how a refrigerator keeps food cold.",
+    "Explain how bees communicate the location of flowers.",
+    "Explain how to calculate the area of a circle.",
+    "What are the best ways to keep a sourdough starter healthy?",
+    "What are some good exercises for improving posture at a desk?",
+    "How do I remove a red wine stain from a cotton shirt?",
+    "How do I set up a weekly budget in a spreadsheet?",
+    "Give me a list of fun indoor activities for a rainy afternoon with kids.",
+    "Give advice on preparing for a first job interview.",
+    "Create a packing list for a three-day hiking trip.",
+    "Convince people to try volunteering at an animal shelter.",
+    "Give instructions for planting spring bulbs in autumn.",
+)
 ANCHOR_NEW_TOKENS = 24  # tokens of the LoRA's own answer per benign anchor: its opening, where a refusal shows (the study's)
 
 
@@ -258,8 +287,9 @@ def patched_factors(
 ) -> tuple[list[nn.Parameter], list[torch.Tensor], dict[str, Any]]:
     """:func:`safety_patch` run on clones of the LoRA factors, the model left as trained.
 
-    Anchors: ``benign_prompts`` answered greedily by the model as trained (:func:`anchor_pairs`,
-    :data:`ANCHOR_NEW_TOKENS` tokens). ``options``: :func:`safety_patch`'s.
+    Anchors: ``benign_prompts`` (None: :data:`DEFAULT_ANCHOR_REQUESTS`) answered greedily by the
+    model as trained (:func:`anchor_pairs`, :data:`ANCHOR_NEW_TOKENS` tokens). ``options``:
+    :func:`safety_patch`'s.
 
     Returns:
         ``(factors, patched, record)``: the live factors (:func:`lora_factors`), their patched
@@ -267,9 +297,10 @@ def patched_factors(
     """
     pairs = None
     if anchors:
-        if not benign_prompts:
-            raise ValueError(f"safety_patch: anchors={anchors} needs benign requests (never used in alignment or "
-                             "evaluation) for the trained LoRA to answer; pass benign_prompts, or anchors=0.")
+        if benign_prompts is not None and not len(benign_prompts):
+            raise ValueError(f"safety_patch: anchors={anchors} with an empty benign_prompts: pass benign requests "
+                             "(never used in alignment or evaluation), None for DEFAULT_ANCHOR_REQUESTS, or anchors=0.")
+        benign_prompts = DEFAULT_ANCHOR_REQUESTS if benign_prompts is None else benign_prompts
         pairs = anchor_pairs(model, tokenizer, list(benign_prompts), max_new_tokens=ANCHOR_NEW_TOKENS,
                              batch_size=len(benign_prompts))
     factors = lora_factors(model)

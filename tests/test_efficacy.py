@@ -260,10 +260,13 @@ def test_pick_replaces_the_default_only_when_its_paired_lead_beats_chance():
         entries = [{"rule": "component_repair", "checks": checks["default"]}, {"rule": "rate_repair", "checks": checks["pick"]}]
         return {"settings": {"a": {"entries": entries}}}
 
-    narrow = report.pick_against_default(study(6), "rate_repair")
+    narrow = report.pick_against_default(study(6), "rate_repair", "component_repair")
     assert (narrow["wins"], narrow["losses"], narrow["ties"]) == (6, 3, 0)
     assert narrow["p"] == pytest.approx(2 * (1 + 9 + 36 + 84) / 512) and not narrow["switch"]
-    clear = report.pick_against_default(study(8), "rate_repair")
+    clear = report.pick_against_default(study(8), "rate_repair", "component_repair")
     assert clear["p"] == pytest.approx(2 * (1 + 9) / 512) and clear["switch"]
     assert "in 6, less in 3, tied in 0 (two-sided sign test p = 0.51): the default stays" in report.pick_note(narrow)
     assert report.pick_note(clear).endswith("the pick becomes the default.")
+    replaced = {**clear, "pick": report.CURRENT_DEFAULT}  # the pick is the default now: the record of the switch
+    assert "against the default it replaced (component repair" in report.pick_note(replaced)
+    assert report.pick_note(replaced).endswith("the pick replaced it as the default.")

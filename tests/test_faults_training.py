@@ -328,7 +328,7 @@ def test_13_resume_with_base_model_auto_and_a_probe(pair, dataset, tmp_path):
 
     def run(output_dir, **kwargs):
         callback = SPLoRACallback(SPLoRAConfig(base_model="auto", metric="probe", probe=probe, score_every_n_steps=5,
-                                               utility_examples=6))
+                                               utility_examples=6, select="repair"))
         trainer = _checkpointed((pair[0], aligned), dataset, output_dir, callback)
         trainer.train(**kwargs)
         return callback

@@ -310,6 +310,22 @@ def test_results_count_the_unit_acted_on_and_a_rule_with_its_own_stop_has_no_fra
     assert results.selected_words(results.callback_choice(callback), {"granularity": "component"}) == \
         "3 rank-one components of 2 layers"
     assert results.callback_choice({"selected": ["l0.q_proj"], "action": {"action": "prune"}}) == ["l0.q_proj"]
+    # a patch selects nothing: its rows and the callback's sentence say the LoRA was patched, not "0 layers"
+    patch_row = {"rule": "rate_patch", "control": None, "fraction": 0.25, "n_layers": 0, "layers": [], "acted": "0 layers"}
+    assert results.acted_cell(patch_row) == results.acted_words(patch_row) == "the LoRA, patched"
+    assert results.sweep_label(patch_row) == "-" and results.acted_words({"rule": "ediem", "acted": "30 layers", "n_layers": 30}) == "30 layers"
+    patched = {"selected": ["l0.q_proj"], "config": {"metric": "probe", "select": "fraction", "action": "patch"},
+               "action": {"action": "patch", "patch": {"steps": 2, "pairs": 20, "anchors": 4,
+                                                       "refusal_rate_by_step": [0.0, 0.5, 0.95],
+                                                       "target_refusal_rate": 0.85, "aligned_refusal_rate": 0.95}}}
+    sentence = results.callback_sentence(patched, {"callback_adapter_max_abs_diff": 0.0})
+    assert "patched the LoRA: 2 steps on 20 refusal pairs + 4 benign anchors" in sentence and "chose" not in sentence
+    assert sentence.endswith("largest |difference| from `adapter/` 0.")
+    assert results.verdict_table([{"label": "patch", "rule": "rate_patch", "n_layers": 0, "fraction": 0.25,
+                                   "refusal_rate": 0.9, "kind_matched": None, "beats_kind_matched": False,
+                                   "uniform": {"mean": 0.04, "min": 0.0, "max": 0.1}, "beats_uniform": True,
+                                   "rougeL": 0.7, "rougeL_kind_matched": None}]).splitlines()[-1] == \
+        "| patch | the LoRA, patched (-) | 0.900 | - | 0.040 [0.000, 0.100] | - | yes | 0.700 / - |"
 
 
 def test_the_wheel_and_sdist_declare_the_license_file():
@@ -358,8 +374,11 @@ def test_the_repair_command_a_failed_action_logs_uses_only_splora_prune_flags():
     prune = command_flags()["prune"]
     for config in (SPLoRAConfig(base_model="b", select="top_k", k=3, action="prune"),
                    SPLoRAConfig(base_model="b", select="fraction", fraction=0.25, action="project"),
-                   SPLoRAConfig(base_model="b", probe=object()),  # the default measured repair
+                   SPLoRAConfig(base_model="b", probe=object(), select="repair"),  # the measured repair
                    SPLoRAConfig(base_model="b", probe=object(), select="budget", budget=0.05)):
         command = repair_command(config, "out", "org/chat")
         flags = [part for part in shlex.split(command) if part.startswith("--")]
         assert flags and set(flags) <= prune, (command, set(flags) - prune)
+    patch = repair_command(SPLoRAConfig(base_model="b", probe=object()), "out", "org/chat")  # the default: the patch
+    assert "from_pretrained('org/chat'), 'out')" in patch and "safety_patch(model, probe" in patch
+    assert "save_pretrained('out-patched')" in patch

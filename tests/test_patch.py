@@ -194,8 +194,10 @@ def test_patch_config_and_needs_are_checked_before_step_one(tmp_path):
     from splora_callback import SPLoRACallback, SPLoRAConfig
 
     probe = random_probe(seed=9)
-    with pytest.raises(ValueError, match="patch_anchors=4 needs benign_prompts"):
-        SPLoRAConfig(probe=probe, action="patch")
+    default = SPLoRAConfig(metric="probe", probe=probe)  # the study's pick: the patch, the library's anchors
+    assert default.action == "patch" and default.benign_prompts is None and "24 default requests" in default.plan()[0]
+    assert SPLoRAConfig(metric="probe", probe=probe, select="repair").action == "prune"  # a rule named: prune by it
+    assert SPLoRAConfig(metric="probe", probe=probe, k=3).action == "prune"
     with pytest.raises(ValueError, match="action='patch' trains the LoRA on the safety probe"):
         SPLoRAConfig(action="patch", base_model="b", patch_anchors=0)
     with pytest.raises(ValueError, match=r"SPLoRAConfig.patch_restore=1.5 must be in \(0, 1\]"):

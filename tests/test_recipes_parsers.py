@@ -109,10 +109,11 @@ def test_trl_parser_on_a_yaml_file_and_a_command_line_over_it(tmp_path):
 def test_a_recipes_sections_are_one_flat_parser_file(tmp_path):
     """cpu-demo.yaml's training_args + splora, flattened for HfArgumentParser, give what the recipe builds."""
     # the demo's metric is the probe, which is no flat field: the flattening is checked with E-DIEM
-    # (and no probe schedule, which needs the probe)
+    # (and no probe schedule or patch, which need the probe; the patch_* fields stay and round-trip)
     config = recipe_config.load_config(ROOT / "recipes" / "configs" / "cpu-demo.yaml",
                                        [f"output_dir={tmp_path}", "splora.metric=ediem", "splora.select=fraction",
-                                        "splora.granularity=layer", "splora.probe_every_n_steps=null"])
+                                        "splora.granularity=layer", "splora.probe_every_n_steps=null",
+                                        "splora.action=prune"])
     built_args = recipe_config.training_arguments(config)
     built_splora = recipe_config.splora_config(config, base="b", probe=None)
     flat = {

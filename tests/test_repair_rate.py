@@ -154,7 +154,7 @@ def test_config_takes_the_rate_repair_and_benign_prompts():
     config = SPLoRAConfig(probe=random_probe(), select=select, benign_prompts=["How do I bake bread?"])
     assert config.rule.stop == "refusal_rate" and config.to_dict()["select"]["over_refusal_margin"] == 0.05
     with pytest.raises(ValueError, match="benign_prompts is set but no rule uses them"):
-        SPLoRAConfig(probe=random_probe(), benign_prompts=["How do I bake bread?"])
+        SPLoRAConfig(probe=random_probe(), select="repair", benign_prompts=["How do I bake bread?"])
 
 
 def test_callback_trims_the_stop_and_the_live_model_is_the_trace_s_final_set(tmp_path):

@@ -56,10 +56,11 @@ def test_no_arguments_means_infer_the_base_and_safe_defaults():
     assert "probe=SafetyProbe" in plan and not doubtful
     probe_only = SPLoRACallback(metric="probe", probe=object())
     assert probe_only.config.base_model is None  # the probe needs no geometry
-    repair = SPLoRACallback(probe=object())  # a probe alone: the study's default rule, E-DIEM still scored
-    assert (repair.config.metric, repair.config.select, repair.config.granularity, repair.config.action) == (
-        "probe", "repair", "component", "prune")
-    assert repair.config.base_model == AUTO
+    patch = SPLoRACallback(probe=object())  # a probe alone: the study's pick, the safety patch; E-DIEM still scored
+    assert (patch.config.metric, patch.config.select, patch.config.action) == ("probe", "fraction", "patch")
+    assert patch.config.base_model == AUTO
+    repair = SPLoRACallback(probe=object(), select="repair")  # a rule named: the measured component repair
+    assert (repair.config.granularity, repair.config.action) == ("component", "prune")
     assert SPLoRACallback(base_model="b", k=3, action="prune").config.plan()[1]  # E-DIEM pruning: warned
 
 
