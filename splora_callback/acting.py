@@ -87,11 +87,16 @@ def repair_command(config: Any, adapter_dir: str, aligned: str | None) -> str:
     """The ``splora prune`` command line that applies ``config``'s rule to the adapter saved in
     ``adapter_dir`` (placeholders in capitals: files the user provides); for ``action="patch"``,
     the Python lines that patch it (``safety_patch``; the CLI does not train)."""
-    if config.action == "patch":
+    if config.action == "patch":  # the callback's settings; BENIGN_PROMPTS: the user's own anchors, if given
+        from .patch import ANCHOR_NEW_TOKENS
+
+        benign = "BENIGN_PROMPTS" if config.benign_prompts else "splora_callback.patch.DEFAULT_ANCHOR_REQUESTS"
         return (f"in Python, model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
                 f"{aligned or 'ALIGNED'!r}), {adapter_dir!r}); splora_callback.safety_patch(model, probe, "
-                "tokenizer=tokenizer, anchor_pairs=splora_callback.patch.anchor_pairs(model, tokenizer, "
-                "splora_callback.patch.DEFAULT_ANCHOR_REQUESTS, max_new_tokens=24)); "
+                f"tokenizer=tokenizer, lr={config.patch_lr!r}, max_steps={config.patch_max_steps!r}, "
+                f"stop={config.patch_stop!r}, restore={config.patch_restore!r}, anchors={config.patch_anchors!r}, "
+                f"anchor_pairs=splora_callback.patch.anchor_pairs(model, tokenizer, {benign}, "
+                f"max_new_tokens={ANCHOR_NEW_TOKENS})); "
                 f"model.save_pretrained({adapter_dir.rstrip('/') + '-patched'!r})")
     parts = ["splora", "prune", adapter_dir]
     if config.base_model:

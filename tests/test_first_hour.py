@@ -382,3 +382,10 @@ def test_the_repair_command_a_failed_action_logs_uses_only_splora_prune_flags():
     patch = repair_command(SPLoRAConfig(base_model="b", probe=object()), "out", "org/chat")  # the default: the patch
     assert "from_pretrained('org/chat'), 'out')" in patch and "safety_patch(model, probe" in patch
     assert "save_pretrained('out-patched')" in patch
+    assert "lr=0.0004, max_steps=20, stop='refusal_rate', restore=0.9, anchors=4" in patch and "DEFAULT_ANCHOR_REQUESTS" in patch
+    own = repair_command(SPLoRAConfig(base_model="b", probe=object(), benign_prompts=["Bake bread."], patch_lr=1e-4),
+                         "out", "org/chat")
+    assert "lr=0.0001" in own and "BENIGN_PROMPTS" in own  # the user's own anchors and settings, not the defaults
+    import ast
+
+    ast.parse(own.removeprefix("in Python, "))  # lines a user can paste
