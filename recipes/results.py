@@ -33,9 +33,10 @@ def acted_cell(row: dict[str, Any]) -> str:
     if components:
         layers = len({unit[0] for unit in components})
         return f"{len(components)} components ({layers} layer{'s' if layers != 1 else ''})"
+    trained = trained_words(row)
+    if trained is not None:  # nothing selected: the LoRA itself is changed
+        return trained
     rule = RULES.get(row.get("rule"))
-    if rule is not None and rule.action in TRAINED_ACTIONS:  # nothing selected: the LoRA itself is changed
-        return TRAINED_ACTIONS[rule.action]
     if rule is not None and rule.granularity == "component":  # chose none: still counted in its unit
         return "0 components"
     count = row.get("n_layers", len(units))
@@ -45,10 +46,13 @@ def acted_cell(row: dict[str, Any]) -> str:
 def acted_words(entry: dict[str, Any]) -> str:
     """The "acted on" cell of a summary or verdict entry (results.json keeps ``acted``; a patch's is
     named here, so that reports written before say what was done too)."""
-    rule = RULES.get(entry.get("rule"))
-    if rule is not None and rule.action in TRAINED_ACTIONS:
-        return TRAINED_ACTIONS[rule.action]
-    return str(entry.get("acted", entry["n_layers"]))
+    return trained_words(entry) or str(entry.get("acted", entry["n_layers"]))
+
+
+def trained_words(row: dict[str, Any]) -> str | None:
+    """The "acted on" words of a rule that changes the LoRA as a whole (:data:`TRAINED_ACTIONS`), else None."""
+    rule = RULES.get(row.get("rule"))
+    return TRAINED_ACTIONS.get(rule.action) if rule is not None else None
 
 
 def selected_words(selected: Any, config: dict[str, Any]) -> str:
@@ -91,9 +95,9 @@ def callback_sentence(callback: dict[str, Any], rate_patch: dict[str, Any] | Non
 def sweep_label(row: dict[str, Any]) -> str:
     """The sweep's fraction, or ``own stop`` for a rule that chooses its own count (the measured
     repair, a budget): the fraction does not change what it acts on."""
-    rule = RULES.get(row.get("rule"))
-    if rule is not None and rule.action in TRAINED_ACTIONS:
+    if trained_words(row) is not None:
         return "-"  # the sweep's fraction does not reach it
+    rule = RULES.get(row.get("rule"))
     if row.get("fraction") and rule is not None and rule.rule is not None:
         from splora_callback.rules import Fraction
 
