@@ -102,6 +102,8 @@ def cache_fingerprints(config: dict[str, Any], aligned: str, data: dict[str, Any
         section = BUILT_BY.get(action)
         built = None if section is None else {section: evaluation.get(section)}
         digest = adapter.copy()
+        if section == "rate_patch" and (evaluation.get(section) or {}).get("rebuild") is False:
+            digest.update((run_dir(config) / "adapter" / ADAPTER_WEIGHTS).read_bytes())  # the callback's own patch
         digest.update(json.dumps({**inputs, "built": built}, sort_keys=True, default=str).encode())
         return digest.hexdigest()
 
@@ -147,6 +149,38 @@ def callback_patch_gap(patched: Any, adapter_dir: Path) -> float:
     return max(float((saved[name].double() - live[name].double()).abs().max()) for name in saved)
 
 
+CALLBACK_PATCH_FIELDS = ("lr", "max_steps", "anchors", "stop", "restore", "factors")  # section field = patch_<field>
+
+
+def callback_patch_model(template: Any, spec: Any, callback_report: dict[str, Any], adapter_dir: Path) -> tuple[Any, dict]:
+    """The callback's patched adapter (``adapter_dir``) as a copy of the trained LoRA model, and the
+    callback's patch record (``from_callback_adapter``: True): ``evaluation.rate_patch.rebuild: false``.
+
+    Raises:
+        ValueError: the callback did not patch, or with other settings than ``spec`` (named).
+    """
+    from safetensors.torch import load_file
+    from variants import lora_copy
+
+    action = (callback_report or {}).get("action") or {}
+    if action.get("action") != "patch":
+        raise ValueError("config: evaluation.rate_patch.rebuild: false evaluates the callback's adapter/, but the "
+                         f"callback ran action {action.get('action')!r}: set splora.action: patch or rebuild: true")
+    settings = {"patch_factors": "both", **(callback_report.get("config") or {})}  # reports before patch_factors
+    differ = [f"{name}: {getattr(spec, name)!r} vs splora.patch_{name}: {settings.get('patch_' + name)!r}"
+              for name in CALLBACK_PATCH_FIELDS if getattr(spec, name) != settings.get(f"patch_{name}")]
+    if differ:
+        raise ValueError("config: evaluation.rate_patch.rebuild: false needs the callback's patch settings; they differ "
+                         f"({'; '.join(differ)}): make them equal or set rebuild: true")
+    model, _ = lora_copy(template)
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(saved[name.replace(".default", "")])
+    return model.eval(), {**action["patch"], "from_callback_adapter": True}
+
+
 def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: Any, eval_model: Any, tokenizer: Any,
                     probe: Any, data: dict[str, Any], context: dict[str, Any], built: dict[str, Any],
                     timings: dict[str, float]) -> dict[str, Any]:
@@ -172,6 +206,10 @@ def build_baselines(config: dict[str, Any], spec: EvaluationSection, template: A
         if rule in wanted:
             from one_shot_patch import one_shot_patch
 
+            if rule == "rate_patch" and not spec.rate_patch.rebuild:  # the callback's adapter/ itself
+                built[rule], records[rule] = callback_patch_model(
+                    template, spec.rate_patch, context.get("callback_report"), Path(config["output_dir"]) / "adapter")
+                continue
             with stage(what, timings):
                 built[rule], records[rule] = one_shot_patch(
                     template, probe, getattr(spec, rule), context["target"], config["seed"], anchor_pairs=anchors,

@@ -42,7 +42,7 @@ def one_shot_patch(
     record = safety_patch(
         model, probe, lr=spec.lr, batch_size=spec.batch_size, steps=spec.steps, max_steps=spec.max_steps,
         stop=spec.stop, restore=spec.restore, target_loss=target, anchor_pairs=anchor_pairs if spec.anchors else None,
-        anchors=int(spec.anchors), tokenizer=tokenizer, anchor_max_length=anchor_max_length,
+        anchors=int(spec.anchors), factors=spec.factors, tokenizer=tokenizer, anchor_max_length=anchor_max_length,
         max_new_tokens=spec.max_new_tokens, measure_rate=measure_rate, seed=seed)
     for parameter in trainable:
         parameter.requires_grad_(False)

@@ -45,6 +45,10 @@ class OneShotPatchSection:
     ``stop``: ``refusal_loss`` (fixed ``steps``, or calibrated on the refusal loss) or
     ``refusal_rate`` (per model: the first step whose refusal rate on the probe's own prompts closes
     ``restore`` of the gap to the aligned model's, at most ``max_steps``; ``max_new_tokens`` judged).
+    ``factors``: ``both`` (lora_A and lora_B: the study's patches) or ``A`` (lora_A only: the
+    library's default, ``SPLoRAConfig.patch_factors``). ``rebuild`` (``rate_patch`` only): False
+    evaluates the callback's own ``adapter/`` (``action: patch`` with these settings) instead of
+    training the patch again from ``adapter-lora/`` and checking it against ``adapter/``.
     """
 
     lr: float
@@ -55,12 +59,14 @@ class OneShotPatchSection:
     stop: str = "refusal_loss"
     restore: float = 0.9
     max_new_tokens: int = 8
+    factors: str = "both"
+    rebuild: bool = True
 
     def __post_init__(self) -> None:
         from splora_callback.patch import check_patch_options
 
         check_patch_options(lr=self.lr, batch_size=self.batch_size, steps=self.steps, max_steps=self.max_steps,
-                            stop=self.stop, restore=self.restore, anchors=self.anchors,
+                            stop=self.stop, restore=self.restore, anchors=self.anchors, factors=self.factors,
                             where="config: evaluation.<patch>")
 
 

@@ -85,6 +85,9 @@ def callback_sentence(callback: dict[str, Any], rate_patch: dict[str, Any] | Non
         check = "" if gap is None else (
             f" The rate patch row below is that patch rebuilt from `adapter-lora/`: largest |difference| from "
             f"`adapter/` {gap:g}.")
+        if (rate_patch or {}).get("from_callback_adapter"):
+            check = (" The rate patch row below is `adapter/` itself (`evaluation.rate_patch.rebuild: false`; "
+                     "`cpu-demo-patch.yaml` rebuilds it from `adapter-lora/` and checks it to the bit).")
         return (f"The callback (metric `{chosen.get('metric')}`, action `patch`) {patched} at the end of training: "
                 f"`adapter/` is the patched adapter, {tail}{check}")
     return (f"The callback (metric `{chosen.get('metric')}`, select `{chosen.get('select')}`, action "

@@ -164,7 +164,7 @@ RULES: dict[str, StudyRule] = {
                                    "over-refusal guard", "component"),
     "one_shot_patch": StudyRule(None, None, "patch", "one-shot safety patch (probe pairs)"),
     "anchored_patch": StudyRule(None, None, "anchored_patch", "one-shot safety patch with benign anchor pairs"),
-    "rate_patch": StudyRule(None, None, "rate_patch", "anchored patch, refusal-rate stop (90 % of the probe's gap)",
+    "rate_patch": StudyRule(None, None, "rate_patch", "anchored patch, refusal-rate stop",
                             callback_action="patch"),  # SPLoRAConfig(action="patch"): the same steps (cpu-demo-patch.yaml)
     "gates": StudyRule(None, None, "gates", "learned component gates (kept as scales)"),
     "safe_delta": StudyRule(None, None, "safe_delta", "Safe Delta (peer; a dense update, not low-rank)"),

@@ -46,7 +46,7 @@ def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, ent
             model, config.probe, tokenizer=tokenizer, benign_prompts=config.benign_prompts,
             anchors=config.patch_anchors, adapter_name=config.adapter_name, lr=config.patch_lr,
             max_steps=config.patch_max_steps, stop=config.patch_stop, restore=config.patch_restore,
-            target_loss=aligned_refusal_loss), None
+            factors=config.patch_factors, target_loss=aligned_refusal_loss), None
     refused = preflight.refusal_to_prune_everything(config, selected, entry["scores"])
     if refused:  # the model stays as trained, the report says why
         return None, refused
@@ -94,7 +94,8 @@ def repair_command(config: Any, adapter_dir: str, aligned: str | None) -> str:
         return (f"in Python, model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
                 f"{aligned or 'ALIGNED'!r}), {adapter_dir!r}); splora_callback.safety_patch(model, probe, "
                 f"tokenizer=tokenizer, lr={config.patch_lr!r}, max_steps={config.patch_max_steps!r}, "
-                f"stop={config.patch_stop!r}, restore={config.patch_restore!r}, anchors={config.patch_anchors!r}, "
+                f"stop={config.patch_stop!r}, restore={config.patch_restore!r}, factors={config.patch_factors!r}, "
+                f"anchors={config.patch_anchors!r}, "
                 f"anchor_pairs=splora_callback.patch.anchor_pairs(model, tokenizer, {benign}, "
                 f"max_new_tokens={ANCHOR_NEW_TOKENS})); "
                 f"model.save_pretrained({adapter_dir.rstrip('/') + '-patched'!r})")

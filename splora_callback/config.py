@@ -101,10 +101,15 @@ class SPLoRAConfig:
                           "loss is at most the aligned model's (refusal_loss)."},
     )
     patch_restore: float = field(
-        default=0.9, metadata={"help": "action='patch', patch_stop='refusal_rate': share of the refusal-rate gap."}
+        default=1.0, metadata={"help": "action='patch', patch_stop='refusal_rate': share of the refusal-rate gap."}
     )
     patch_lr: float = field(default=4e-4, metadata={"help": "action='patch': AdamW learning rate."})
-    patch_max_steps: int = field(default=20, metadata={"help": "action='patch': most optimizer steps."})
+    patch_max_steps: int = field(default=40, metadata={"help": "action='patch': most optimizer steps."})
+    patch_factors: Literal["A", "both"] = field(
+        default="A",
+        metadata={"help": "action='patch': the LoRA factors trained: A (lora_A only: the patch changes which inputs "
+                          "the LoRA responds to, not the directions it writes; measured to over-refuse less) or both."},
+    )
     patch_anchors: int = field(
         default=4,
         metadata={"help": "action='patch': benign anchor pairs per batch of 10 probe pairs (benign_prompts answered "
@@ -308,7 +313,8 @@ class SPLoRAConfig:
                        "the trained LoRA)" if self.benign_prompts else f" + {self.patch_anchors} benign anchors (the "
                        "library's 24 default requests answered by the trained LoRA)") if self.patch_anchors else ""
             then = "then" if every == "at the end of training" else "at the end of training,"
-            return (f"{monitored}; {then} patch the LoRA: up to {self.patch_max_steps} steps on the "
+            trained = "its lora_A factors" if self.patch_factors == "A" else "its lora_A and lora_B factors"
+            return (f"{monitored}; {then} patch the LoRA ({trained}): up to {self.patch_max_steps} steps on the "
                     f"probe's refusal pairs{anchors} per batch, until {stop} (nothing removed; the {self.rule.name} "
                     "rule's selection is logged, not acted on).", False)
         unit = "rank-one components" if self.granularity == "component" else "LoRA layers"
@@ -425,10 +431,10 @@ def _check_patch(config: SPLoRAConfig) -> None:
     try:
         check_patch_options(lr=config.patch_lr, batch_size=10, steps=None, max_steps=config.patch_max_steps,
                             stop=config.patch_stop, restore=config.patch_restore, anchors=config.patch_anchors,
-                            where="SPLoRAConfig")
+                            factors=config.patch_factors, where="SPLoRAConfig")
     except ValueError as error:  # the library's names for them are the config's, prefixed
         text = str(error)
-        for name in ("lr", "max_steps", "restore", "anchors"):
+        for name in ("lr", "max_steps", "restore", "anchors", "factors"):
             text = text.replace(f": {name}=", f".patch_{name}=")
         raise ValueError(text) from None
 

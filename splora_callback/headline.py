@@ -77,13 +77,15 @@ def acted_on(report: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def patch_words(report: dict[str, Any]) -> str | None:
-    """``patched the LoRA: 3 steps on 20 refusal pairs + 4 benign anchors per batch, probe refusal
+    """``patched the LoRA (lora_A): 3 steps on 20 refusal pairs + 4 benign anchors per batch, probe refusal
     rate 0.10 -> 0.90 (target 0.86, aligned 0.95)``, or None (not a patch, or 0 steps)."""
     action = report.get("action") or {}
     patch = action.get("patch") if action.get("action") == "patch" else None
     if not patch or not patch.get("steps"):
         return None
-    text = f"patched the LoRA: {patch['steps']} step{'s' if patch['steps'] != 1 else ''} on {patch['pairs']} refusal pairs"
+    trained = {"A": " (lora_A)", "both": " (lora_A and lora_B)"}.get(patch.get("factors"), "")
+    text = (f"patched the LoRA{trained}: {patch['steps']} step{'s' if patch['steps'] != 1 else ''} on {patch['pairs']} "
+            "refusal pairs")
     if patch.get("anchors"):
         text += f" + {patch['anchors']} benign anchors per batch"
     rates = patch.get("refusal_rate_by_step")

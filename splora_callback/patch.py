@@ -7,19 +7,26 @@ the update away, train the LoRA itself a little on the probe's (harmful request,
     record = safety_patch(model, probe, tokenizer=tokenizer, anchor_pairs=pairs)
     model.save_pretrained("adapter-patched")   # still an exact LoRA of the same rank
 
+- **Factors** (``factors``): ``"A"`` (the default) trains each LoRA layer's ``lora_A`` only and
+  keeps ``lora_B``, the directions the fine-tune writes: the patch changes which inputs the LoRA
+  responds to (it can turn the update off on the probe's requests) but adds no new output direction
+  that every request would read; ``"both"`` trains A and B (the study's first rate patch, which
+  over-refused by more than 5 points in 5 of 9 replications).
 - **Anchors** (``anchors`` > 0): each batch also holds benign anchor pairs, benign requests answered
   by the trained LoRA itself (:func:`anchor_pairs`), so the patch learns to refuse the probe's
   requests without learning to refuse everything (``anchors=0``: the plain patch).
 - **Stops**: ``steps`` fixed; or ``stop="refusal_loss"`` with ``target_loss`` (the first step whose
   probe refusal loss is at most the aligned model's, at most ``max_steps``); or
-  ``stop="refusal_rate"`` (the study's rate patch): after each step the model answers the probe's
-  own harmful prompts greedily and the patch stops at the first step closing ``restore`` of the gap
+  ``stop="refusal_rate"`` (the rate patch): after each step the model answers the probe's own
+  harmful prompts greedily and the patch stops at the first step closing ``restore`` of the gap
   between the LoRA's refusal rate and the aligned model's (adapters disabled). Never a held-out prompt.
 
-The efficacy study (benchmarks/results/efficacy.md) measures it against the removal repairs and
-Safe Delta; its settings there (lr 4e-4, 10 probe pairs + 4 anchors per batch, restore 0.9) are
-the defaults here. ``SPLoRACallback(action="patch")`` runs it at the end of training through
-:func:`prepare_patch`: built aside, then swapped in or not at all.
+The efficacy study (benchmarks/results/efficacy.md) measured the rate patch (A and B, restore 0.9)
+against the removal repairs and Safe Delta; benchmarks/results/issue27-anchor-boundary/ the
+defaults here (lora_A only, lr 4e-4, 10 probe pairs + 4 anchors per batch, restore 1.0: the aligned
+model's probe refusal, at most 40 steps), on the study's trained LoRAs.
+``SPLoRACallback(action="patch")`` runs it at the end of training through :func:`prepare_patch`:
+built aside, then swapped in or not at all.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 PATCH_STOPS = ("refusal_loss", "refusal_rate")
+PATCH_FACTORS = ("A", "both")  # lora_A only (the LoRA's write directions B kept), or lora_A and lora_B
 # The anchors when none are given: harmless tasks phrased as harmful requests are ("Give detailed
 # step-by-step instructions for ...", "Write a persuasive article arguing that ..."), so that the patch
 # learns to refuse by content, not by phrasing. Written for this purpose; keep them out of your evaluation.
@@ -76,13 +84,15 @@ def anchor_pairs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, ma
     return [(prompt, answer.text) for prompt, answer in zip(prompts, answers, strict=True)]
 
 
-def lora_factors(model: nn.Module) -> list[nn.Parameter]:
-    """The active adapter's LoRA factors (A then B of every LoRA layer, in module order): what the patch trains."""
+def lora_factors(model: nn.Module, factors: str = "both") -> list[nn.Parameter]:
+    """The active adapter's LoRA factors in module order: A then B of every LoRA layer
+    (``factors="both"``), or its A factors alone (``"A"``): what the patch trains."""
     from .layers import iter_lora_layers, resolve_adapter_name
 
     adapter = resolve_adapter_name(model)
+    kinds = ("lora_A",) if factors == "A" else ("lora_A", "lora_B")
     return [p for _, layer in iter_lora_layers(model, adapter)
-            for factor in (layer.lora_A, layer.lora_B) for p in factor[adapter].parameters()]
+            for kind in kinds for p in getattr(layer, kind)[adapter].parameters()]
 
 
 def _padded(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -114,7 +124,7 @@ def _mixed_batch(probe: Any, rows: torch.Tensor, anchor: Any, anchor_rows: torch
 
 
 def check_patch_options(*, lr: float, batch_size: int, steps: int | None, max_steps: int | None, stop: str | None,
-                        restore: float, anchors: int, where: str = "safety_patch") -> None:
+                        restore: float, anchors: int, factors: str = "both", where: str = "safety_patch") -> None:
     """Raises ValueError naming the option (``where``: the caller's name for them) and the accepted values."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"{where}: lr={lr!r} must be a number > 0 (e.g. 4e-4).")
@@ -123,6 +133,9 @@ def check_patch_options(*, lr: float, batch_size: int, steps: int | None, max_st
             raise ValueError(f"{where}: {key}={value!r} must be an integer >= 1.")
     if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
         raise ValueError(f"{where}: anchors={anchors!r} must be an integer >= 0 (benign anchor pairs per batch).")
+    if factors not in PATCH_FACTORS:
+        raise ValueError(f"{where}: factors={factors!r}; expected 'A' (lora_A only, the LoRA's output directions "
+                         "kept) or 'both' (lora_A and lora_B).")
     if stop is not None and stop not in PATCH_STOPS:
         raise ValueError(f"{where}: stop={stop!r}; expected one of {', '.join(PATCH_STOPS)}.")
     if stop == "refusal_rate" and (steps is not None or max_steps is None):
@@ -135,7 +148,7 @@ def check_patch_options(*, lr: float, batch_size: int, steps: int | None, max_st
 
 def safety_patch(
     model: nn.Module, probe: Any, *, lr: float = 4e-4, batch_size: int = 10, steps: int | None = None,
-    max_steps: int | None = 20, stop: str | None = "refusal_rate", restore: float = 0.9,
+    max_steps: int | None = 40, stop: str | None = "refusal_rate", restore: float = 1.0, factors: str = "A",
     target_loss: float | None = None, anchor_pairs: Sequence[tuple[str, str]] | None = None, anchors: int = 4,
     tokenizer: Any = None, anchor_max_length: int = 256, max_new_tokens: int = 8,
     measure_rate: Callable[[nn.Module], float] | None = None, seed: int = 0,
@@ -143,9 +156,14 @@ def safety_patch(
     """Train the active adapter's LoRA factors of ``model`` in place on ``probe``'s refusal pairs;
     returns the patch's record (steps, refusal loss before / after in nats, the stop's readings).
 
+    ``factors="A"`` (the default) trains each LoRA layer's ``lora_A`` only: the patch changes which
+    inputs the LoRA responds to, never the directions it writes (``lora_B``), so it can turn the
+    fine-tune's update off on the probe's requests without adding a refusal everywhere; ``"both"``
+    trains A and B (the study's first rate patch, which over-refused).
+
     AdamW at ``lr``, batches of ``batch_size`` probe pairs (a seeded reshuffle per epoch) plus
     ``anchors`` anchor pairs (their own seeded reshuffle), the mean token loss over the responses of
-    both, gradient norm clipped at 1, LoRA dropout on (train mode). Only the LoRA factors are
+    both, gradient norm clipped at 1, LoRA dropout on (train mode). Only those LoRA factors are
     trained and get gradients; their ``requires_grad`` flags and the model's train/eval mode are as
     before afterwards, and a patch that fails or is interrupted puts the factors back as trained. A fixed ``steps`` runs that many; else up to ``max_steps`` with ``stop``:
     ``"refusal_loss"``, the first step whose probe refusal loss (eval mode) is at most
@@ -168,7 +186,7 @@ def safety_patch(
     by_rate = stop == "refusal_rate" and steps is None
     calibrating = steps is None and not by_rate
     check_patch_options(lr=lr, batch_size=batch_size, steps=steps, max_steps=max_steps,
-                        stop=stop if steps is None else None, restore=restore, anchors=anchors)
+                        stop=stop if steps is None else None, restore=restore, anchors=anchors, factors=factors)
     if calibrating and target_loss is None:
         raise ValueError("safety_patch: stop='refusal_loss' needs target_loss, the aligned model's refusal loss on the "
                          "probe (splora_callback.safety.aligned_refusal_loss(probe, model)).")
@@ -187,7 +205,7 @@ def safety_patch(
 
         def measure_rate(patched: nn.Module) -> float:
             return refusal_rate_now(patched, tokenizer, probe.prompts, int(max_new_tokens), batch_size=len(probe.prompts))
-    trainable = lora_factors(model)
+    trainable = lora_factors(model, factors)
     flags, was_training = [p.requires_grad for p in trainable], model.training
     limit = int(steps if steps is not None else max_steps)
     trained = [p.detach().clone() for p in trainable]  # the LoRA factors only: put back if a step fails
@@ -197,6 +215,7 @@ def safety_patch(
         record = _patch_steps(model, probe, anchor, trainable, lr=float(lr), batch_size=int(batch_size), limit=limit,
                               calibrating=calibrating, target_loss=target_loss, measure_rate=measure_rate if by_rate
                               else None, restore=float(restore), anchors=int(anchors), seed=seed)
+        record["factors"] = factors
     except BaseException:  # all or nothing: a failed or interrupted patch leaves the LoRA as trained
         with torch.no_grad():
             for parameter, original in zip(trainable, trained, strict=True):
@@ -303,18 +322,18 @@ def patched_factors(
         benign_prompts = DEFAULT_ANCHOR_REQUESTS if benign_prompts is None else benign_prompts
         pairs = anchor_pairs(model, tokenizer, list(benign_prompts), max_new_tokens=ANCHOR_NEW_TOKENS,
                              batch_size=len(benign_prompts))
-    factors = lora_factors(model)
-    trained = [parameter.data for parameter in factors]
+    live = lora_factors(model)  # every factor, A and B: what the action swaps in, whichever the patch trains
+    trained = [parameter.data for parameter in live]
     try:
-        for parameter in factors:  # the patch steps write into clones: the trained tensors stay as they are
+        for parameter in live:  # the patch steps write into clones: the trained tensors stay as they are
             parameter.data = parameter.data.clone()
         record = safety_patch(model, probe, tokenizer=tokenizer, anchor_pairs=pairs, anchors=anchors, **options)
-        patched = [parameter.data for parameter in factors]
+        patched = [parameter.data for parameter in live]
     finally:
-        for parameter, tensor in zip(factors, trained, strict=True):
+        for parameter, tensor in zip(live, trained, strict=True):
             parameter.data = tensor
     record["anchor_requests"] = len(pairs or ())
-    return factors, patched, record
+    return live, patched, record
 
 
 def patch_action(model: nn.Module, factors: Sequence[nn.Parameter], patched: Sequence[torch.Tensor],

@@ -315,11 +315,11 @@ def test_results_count_the_unit_acted_on_and_a_rule_with_its_own_stop_has_no_fra
     assert results.acted_cell(patch_row) == results.acted_words(patch_row) == "the LoRA, patched"
     assert results.sweep_label(patch_row) == "-" and results.acted_words({"rule": "ediem", "acted": "30 layers", "n_layers": 30}) == "30 layers"
     patched = {"selected": ["l0.q_proj"], "config": {"metric": "probe", "select": "fraction", "action": "patch"},
-               "action": {"action": "patch", "patch": {"steps": 2, "pairs": 20, "anchors": 4,
+               "action": {"action": "patch", "patch": {"steps": 2, "pairs": 20, "anchors": 4, "factors": "A",
                                                        "refusal_rate_by_step": [0.0, 0.5, 0.95],
                                                        "target_refusal_rate": 0.85, "aligned_refusal_rate": 0.95}}}
     sentence = results.callback_sentence(patched, {"callback_adapter_max_abs_diff": 0.0})
-    assert "patched the LoRA: 2 steps on 20 refusal pairs + 4 benign anchors" in sentence and "chose" not in sentence
+    assert "patched the LoRA (lora_A): 2 steps on 20 refusal pairs + 4 benign anchors" in sentence and "chose" not in sentence
     assert sentence.endswith("largest |difference| from `adapter/` 0.")
     assert results.verdict_table([{"label": "patch", "rule": "rate_patch", "n_layers": 0, "fraction": 0.25,
                                    "refusal_rate": 0.9, "kind_matched": None, "beats_kind_matched": False,
@@ -382,7 +382,7 @@ def test_the_repair_command_a_failed_action_logs_uses_only_splora_prune_flags():
     patch = repair_command(SPLoRAConfig(base_model="b", probe=object()), "out", "org/chat")  # the default: the patch
     assert "from_pretrained('org/chat'), 'out')" in patch and "safety_patch(model, probe" in patch
     assert "save_pretrained('out-patched')" in patch
-    assert "lr=0.0004, max_steps=20, stop='refusal_rate', restore=0.9, anchors=4" in patch and "DEFAULT_ANCHOR_REQUESTS" in patch
+    assert "lr=0.0004, max_steps=40, stop='refusal_rate', restore=1.0, factors='A', anchors=4" in patch and "DEFAULT_ANCHOR_REQUESTS" in patch
     own = repair_command(SPLoRAConfig(base_model="b", probe=object(), benign_prompts=["Bake bread."], patch_lr=1e-4),
                          "out", "org/chat")
     assert "lr=0.0001" in own and "BENIGN_PROMPTS" in own  # the user's own anchors and settings, not the defaults

@@ -42,6 +42,33 @@ def test_safety_patch_trains_only_the_lora_in_place_and_leaves_flags_and_mode(pa
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+@pytest.mark.parametrize("factors", ["A", "both"])
+def test_safety_patch_trains_the_factors_asked_for(patch_setup, factors, tmp_path):  # noqa: F811
+    """factors='A' (the default) moves every lora_A and leaves every lora_B bit for bit, so the LoRA's
+    output directions are the trained ones (B's column space); 'both' moves both; the record says
+    which; the patched adapter reloads to 1e-6."""
+    import copy
+
+    template, tokenizer, probe, benign = patch_setup
+    model = copy.deepcopy(template)
+    before = _weights(model)
+    record = safety_patch(model, probe, lr=1e-2, batch_size=2, steps=3, anchors=2, anchor_pairs=benign,
+                          tokenizer=tokenizer, anchor_max_length=64, seed=1, factors=factors)
+    after = _weights(model)
+    a_names = [name for name in after if "lora_A" in name]
+    b_names = [name for name in after if "lora_B" in name]
+    assert a_names and b_names and record["factors"] == factors
+    assert all(not torch.equal(after[name], before[name]) for name in a_names)
+    assert all(torch.equal(after[name], before[name]) for name in b_names) == (factors == "A")
+    assert record["refusal_loss"]["after"] < record["refusal_loss"]["before"]
+    model.save_pretrained(tmp_path / "patched")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(template).unload(), tmp_path / "patched")
+    for (name, p), (_, q) in zip(sorted(after.items()), sorted(_weights(reloaded).items()), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert [name for name, _ in model.named_parameters() if "lora_" in name and "lora_A" in name] == a_names
+    assert len(lora_factors(model, "A")) == len(a_names) and len(lora_factors(model)) == len(a_names) + len(b_names)
+
+
 def test_safety_patch_stops_and_errors(patch_setup):  # noqa: F811
     """The loss stop at target_loss (calibration); the errors name what is missing."""
     import copy
@@ -61,7 +88,7 @@ def test_safety_patch_stops_and_errors(patch_setup):  # noqa: F811
     with pytest.raises(ValueError, match="stop='refusal_rate' chooses the step count"):
         safety_patch(copy.deepcopy(template), probe, max_steps=None, anchors=0, tokenizer=tokenizer)
     for bad, match in [({"lr": 0}, "lr=0"), ({"anchors": -1}, "anchors=-1"), ({"restore": 1.5}, "restore=1.5"),
-                       ({"stop": "loss"}, "stop='loss'")]:
+                       ({"stop": "loss"}, "stop='loss'"), ({"factors": "B"}, "factors='B'; expected 'A'")]:
         with pytest.raises(ValueError, match=match):
             safety_patch(copy.deepcopy(template), probe, **{"anchors": 0, **bad})
     pairs = anchor_pairs(template, tokenizer, [prompt for prompt, _ in benign], max_new_tokens=4)
@@ -147,7 +174,7 @@ def test_callback_patch_is_the_live_model_and_the_saved_adapter(tmp_path):
     assert report["action"]["patch"]["steps"] == record["steps"]
     assert report["safety"]["after_action"]["refusal_loss"] == pytest.approx(record["refusal_loss"]["after"], abs=1e-6)
     card = (tmp_path / "run" / "README.md").read_text()
-    assert f"`patch`: patched the LoRA: {record['steps']} step" in card and "every LoRA layer and rank kept" in card
+    assert f"`patch`: patched the LoRA (lora_A): {record['steps']} step" in card and "every LoRA layer and rank kept" in card
     html = (tmp_path / "run" / "splora_report.html").read_text()
     assert "Patched the LoRA" in html and "no LoRA layer or component removed" in html
 
@@ -202,10 +229,12 @@ def test_patch_config_and_needs_are_checked_before_step_one(tmp_path):
         SPLoRAConfig(action="patch", base_model="b", patch_anchors=0)
     with pytest.raises(ValueError, match=r"SPLoRAConfig.patch_restore=1.5 must be in \(0, 1\]"):
         SPLoRAConfig(probe=probe, action="patch", patch_anchors=0, patch_restore=1.5)
+    with pytest.raises(ValueError, match=r"SPLoRAConfig.patch_factors='B'; expected 'A'"):
+        SPLoRAConfig(probe=probe, action="patch", patch_anchors=0, patch_factors="B")
     with pytest.raises(ValueError, match="acts at the end of training only"):
         SPLoRAConfig(probe=probe, action="patch", patch_anchors=0, prune_at_checkpoints=True)
     config = SPLoRAConfig(probe=probe, action="patch", benign_prompts=BENIGN)
-    assert config.select == "fraction" and "patch the LoRA: up to 20 steps" in config.plan()[0]
+    assert config.select == "fraction" and "patch the LoRA (its lora_A factors): up to 40 steps" in config.plan()[0]
     callback = SPLoRACallback(metric="probe", probe=probe, action="patch", benign_prompts=BENIGN)  # rate stop: prompts
     with pytest.raises(ValueError, match="patch_stop='refusal_rate' answers the safety probe's prompts"):
         _patch_run(tmp_path, callback)
@@ -236,3 +265,34 @@ def test_the_rate_stop_with_nothing_to_restore_changes_nothing_and_says_so(tmp_p
     assert all(torch.equal(tensor, live[key].detach()) for key, tensor in trained.items())
     assert "nothing changed (the patch found the probe's refusal already at its target)" in caplog.text
     assert "`patch`: nothing changed" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_the_demo_evaluates_the_callbacks_own_patch_only_with_its_settings(patch_setup, tmp_path):  # noqa: F811
+    """evaluation.rate_patch.rebuild: false loads adapter/ (the callback's patch) into a copy of the
+    trained LoRA, the template untouched, with the callback's record; other settings or no patch: an
+    error that names the field."""
+    import copy
+
+    from evaluation_run import callback_patch_model
+    from recipe_sections import OneShotPatchSection
+
+    template, tokenizer, probe, benign = patch_setup
+    patched = copy.deepcopy(template)
+    record = safety_patch(patched, probe, lr=1e-2, batch_size=2, steps=2, anchors=2, anchor_pairs=benign,
+                          tokenizer=tokenizer, anchor_max_length=64, seed=1)
+    patched.save_pretrained(tmp_path / "adapter")
+    before = _weights(template)
+    spec = OneShotPatchSection(lr=4e-4, batch_size=10, max_steps=40, anchors=4, stop="refusal_rate", restore=1.0,
+                               factors="A", rebuild=False)
+    settings = {"patch_lr": 4e-4, "patch_max_steps": 40, "patch_anchors": 4, "patch_stop": "refusal_rate",
+                "patch_restore": 1.0, "patch_factors": "A"}
+    report = {"action": {"action": "patch", "patch": record}, "config": settings}
+    model, loaded = callback_patch_model(template, spec, report, tmp_path / "adapter")
+    assert loaded["from_callback_adapter"] and loaded["steps"] == 2
+    for (name, p), (_, q) in zip(sorted(_weights(model).items()), sorted(_weights(patched).items()), strict=True):
+        assert torch.equal(p, q), name
+    assert all(torch.equal(p, before[name]) for name, p in template.named_parameters())
+    with pytest.raises(ValueError, match=r"restore: 1.0 vs splora.patch_restore: 0.9"):
+        callback_patch_model(template, spec, {**report, "config": {**settings, "patch_restore": 0.9}}, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="callback ran action 'prune'"):
+        callback_patch_model(template, spec, {"action": {"action": "prune"}}, tmp_path / "adapter")

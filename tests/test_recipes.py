@@ -718,6 +718,7 @@ def test_cpu_demo_smoke_real_model(tmp_path):
     assert (tmp_path / "splora_report.html").is_file() and (tmp_path / "results.png").is_file()
     assert saved["rows"][0]["rule"] == "aligned" and 0 <= saved["rows"][0]["refusal_rate"] <= 1
     assert not set(saved["probe"]["prompts"]) & set(saved["evaluation_prompts"])
+    assert saved["baselines"]["rate_patch"]["from_callback_adapter"]  # the demo's patch row is adapter/ itself
 
 
 def test_plan_variants_component_and_budget_rules():
@@ -779,3 +780,11 @@ def test_cache_fingerprints_tie_a_built_model_to_its_own_section_only(tmp_path):
     assert all(common[key] != before[key] for key in before)
     (tmp_path / "adapter-lora" / ADAPTER_WEIGHTS).write_bytes(b"retrained adapter")
     assert all(value != before[key] for key, value in tags().items())
+    # rebuild: false evaluates the callback's adapter/: its bytes are in rate_patch's fingerprint only
+    own = {"lr": 4e-4, "batch_size": 10, "anchors": 4, "stop": "refusal_rate", "restore": 1.0, "max_steps": 40,
+           "factors": "A", "rebuild": False}
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"patched by the callback")
+    first = tags(rate_patch=own)
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"patched again, other settings")
+    assert [key for key, value in tags(rate_patch=own).items() if value != first[key]] == ["rate_patch"]

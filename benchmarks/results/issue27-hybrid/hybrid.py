@@ -51,6 +51,20 @@ def measure(model, tokenizer, probe, data, label: str) -> dict:
     return row
 
 
+def baseline_rows(lora, tokenizer, probe, data, folder: Path) -> list[dict]:
+    """The aligned model's and the LoRA's rows (:func:`measure`), cached in ``folder/hybrid-baseline.json``."""
+    from splora_callback.safety import adapters_disabled
+
+    baseline_file = folder / "hybrid-baseline.json"
+    if baseline_file.is_file():
+        return json.loads(baseline_file.read_text())
+    with adapters_disabled(lora):
+        baseline = [measure(lora, tokenizer, probe, data, "aligned")]
+    baseline.append(measure(lora, tokenizer, probe, data, "lora"))
+    baseline_file.write_text(json.dumps(baseline, indent=1))
+    return baseline
+
+
 def evaluate_cell(setting: str, seed: int, folder: Path) -> dict:
     import torch
     from demo_data import BENIGN_PROBE_REQUESTS
@@ -78,7 +92,7 @@ def evaluate_cell(setting: str, seed: int, folder: Path) -> dict:
     del lora
     hybrid = load("adapter")
     rows.append(measure(hybrid, tokenizer, probe, data, "component_repair"))
-    record = safety_patch(hybrid, probe, lr=4e-4, batch_size=10, max_steps=20, stop="refusal_rate", restore=0.9,
+    record = safety_patch(hybrid, probe, factors="both", lr=4e-4, batch_size=10, max_steps=20, stop="refusal_rate", restore=0.9,
                           anchor_pairs=anchors, anchors=4, tokenizer=tokenizer,
                           anchor_max_length=int(config["probe"]["max_length"]), seed=config["seed"])
     rows.append({**measure(hybrid, tokenizer, probe, data, "hybrid"), "patch_steps": record["steps"],
@@ -101,7 +115,7 @@ def evaluate_restores(setting: str, seed: int, folder: Path, restores: list[floa
     from splora_callback.patch import anchor_pairs, safety_patch
     from splora_callback.pruning import apply_action
     from splora_callback.repair import repair_selection
-    from splora_callback.safety import adapters_disabled, aligned_refusal_loss
+    from splora_callback.safety import aligned_refusal_loss
     from splora_callback.scoring import score_layers
 
     todo = [r for r in restores if not (folder / f"hybrid-restore{r}.json").is_file()]
@@ -116,14 +130,7 @@ def evaluate_restores(setting: str, seed: int, folder: Path, restores: list[floa
         return PeftModel.from_pretrained(model, folder / "adapter-lora").eval()
 
     lora = load()
-    baseline_file = folder / "hybrid-baseline.json"
-    if baseline_file.is_file():
-        baseline = json.loads(baseline_file.read_text())
-    else:
-        with adapters_disabled(lora):
-            baseline = [measure(lora, tokenizer, probe, data, "aligned")]
-        baseline.append(measure(lora, tokenizer, probe, data, "lora"))
-        baseline_file.write_text(json.dumps(baseline, indent=1))
+    baseline = baseline_rows(lora, tokenizer, probe, data, folder)
     anchors = anchor_pairs(lora, tokenizer, BENIGN_PROBE_REQUESTS, max_new_tokens=24, batch_size=24)
     utility = task_probe(tokenizer, data["task_train"], evaluation_section(config), config["seed"])
     scores = score_layers(lora, None, "probe", probe=probe, utility=utility, granularity="component")
@@ -136,7 +143,7 @@ def evaluate_restores(setting: str, seed: int, folder: Path, restores: list[floa
         apply_action(model, None, chosen, "prune")
         count = sum(len(indices) for indices in chosen.values())
         rows = [*baseline, {**measure(model, tokenizer, probe, data, "component_repair"), "components": count}]
-        record = safety_patch(model, probe, lr=4e-4, batch_size=10, max_steps=20, stop="refusal_rate", restore=0.9,
+        record = safety_patch(model, probe, factors="both", lr=4e-4, batch_size=10, max_steps=20, stop="refusal_rate", restore=0.9,
                               anchor_pairs=anchors, anchors=4, tokenizer=tokenizer,
                               anchor_max_length=int(config["probe"]["max_length"]), seed=config["seed"])
         rows.append({**measure(model, tokenizer, probe, data, "hybrid"), "patch_steps": record["steps"],
@@ -190,6 +197,20 @@ def summary(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_cell(setting: str, seed: int, folder: Path, tag: str) -> None:
+    """The study's training of one cell (``recipes/finetune.py --train-only``) unless ``training.json`` is there."""
+    if (folder / "training.json").is_file():
+        return
+    start = time.perf_counter()
+    with (folder / "train.log").open("a") as log:
+        code = subprocess.call([sys.executable, "recipes/finetune.py", str(CONFIGS[setting]), "--train-only",
+                                "--override", f"seed={seed}", f"output_dir={folder}"],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[{tag}] {setting}{seed} train: exit {code}, {time.perf_counter() - start:.0f} s", flush=True)
+    if code != 0:
+        raise SystemExit(f"{setting}{seed}: training failed; see {folder / 'train.log'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=ORDER, choices=ORDER)
@@ -201,15 +222,7 @@ def main() -> None:
         setting, seed = cell[0], int(cell[1])
         folder = args.root / setting / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "training.json").is_file():
-            start = time.perf_counter()
-            with (folder / "train.log").open("a") as log:
-                code = subprocess.call([sys.executable, "recipes/finetune.py", str(CONFIGS[setting]), "--train-only",
-                                        "--override", f"seed={seed}", f"output_dir={folder}"],
-                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            print(f"[hybrid] {cell} train: exit {code}, {time.perf_counter() - start:.0f} s", flush=True)
-            if code != 0:
-                raise SystemExit(f"{cell}: training failed; see {folder / 'train.log'}")
+        train_cell(setting, seed, folder, "hybrid")
         if args.restores:
             evaluate_restores(setting, seed, folder, args.restores)
             (HERE / "hybrid-summary.md").write_text(summary(args.root))

@@ -51,7 +51,7 @@ def main() -> None:
 
     def factors_after(steps: int) -> list[torch.Tensor]:
         model = trained_lora()
-        safety_patch(model, probe, lr=4e-4, batch_size=10, steps=steps, stop=None, anchor_pairs=anchors, anchors=4,
+        safety_patch(model, probe, factors="both", lr=4e-4, batch_size=10, steps=steps, stop=None, anchor_pairs=anchors, anchors=4,
                      tokenizer=tokenizer, anchor_max_length=int(config["probe"]["max_length"]), seed=config["seed"])
         return [p.detach().clone() for p in lora_factors(model)]
 
