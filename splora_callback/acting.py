@@ -24,13 +24,13 @@ from .sharding import warn_if_sharded
 
 
 def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, entry: dict[str, Any],
-               output_dir: str, *, tokenizer: Any = None,
-               aligned_refusal_loss: float | None = None) -> tuple[PreparedAction | None, dict[str, Any] | None]:
+               output_dir: str, *, tokenizer: Any = None, aligned_refusal_loss: float | None = None,
+               progress: bool = False) -> tuple[PreparedAction | None, dict[str, Any] | None]:
     """The action on ``selected`` (the final history ``entry``'s selection), built aside: nothing
     of the live model changes here. ``action="patch"`` ignores the selection: the safety patch
     (``patch.prepare_patch``, collective) with the config's ``patch_*`` settings, its anchors
     ``benign_prompts`` answered by the trained LoRA, ``tokenizer`` for them and for the rate stop,
-    ``aligned_refusal_loss`` for the loss stop.
+    ``aligned_refusal_loss`` for the loss stop, ``progress`` for the patch's step bar.
 
     Returns:
         ``(prepared, None)``: commit ``prepared`` to act. ``(None, action report)``: nothing to
@@ -46,7 +46,7 @@ def end_action(config: Any, model: nn.Module, alignment: Any, selected: Any, ent
             model, config.probe, tokenizer=tokenizer, benign_prompts=config.benign_prompts,
             anchors=config.patch_anchors, adapter_name=config.adapter_name, lr=config.patch_lr,
             max_steps=config.patch_max_steps, stop=config.patch_stop, restore=config.patch_restore,
-            factors=config.patch_factors, target_loss=aligned_refusal_loss), None
+            factors=config.patch_factors, target_loss=aligned_refusal_loss, progress=progress), None
     refused = preflight.refusal_to_prune_everything(config, selected, entry["scores"])
     if refused:  # the model stays as trained, the report says why
         return None, refused

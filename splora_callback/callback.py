@@ -368,7 +368,8 @@ class SPLoRACallback(TrainerCallback, ExportableState):
             return None
         prepared, self.action_report = end_action(
             config, model, self._alignment, self.selected, entry, args.output_dir, tokenizer=self._tokenizer,
-            aligned_refusal_loss=self._safety.monitor.aligned_refusal_loss)
+            aligned_refusal_loss=self._safety.monitor.aligned_refusal_loss,
+            progress=state.is_world_process_zero and not args.disable_tqdm)
         if entry.get("non_finite"):
             self.selected = []
         return prepared

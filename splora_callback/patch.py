@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 PATCH_STOPS = ("refusal_loss", "refusal_rate")
 PATCH_FACTORS = ("A", "both")  # lora_A only (the LoRA's write directions B kept), or lora_A and lora_B
@@ -151,7 +152,7 @@ def safety_patch(
     max_steps: int | None = 40, stop: str | None = "refusal_rate", restore: float = 1.0, factors: str = "A",
     target_loss: float | None = None, anchor_pairs: Sequence[tuple[str, str]] | None = None, anchors: int = 4,
     tokenizer: Any = None, anchor_max_length: int = 256, max_new_tokens: int = 8,
-    measure_rate: Callable[[nn.Module], float] | None = None, seed: int = 0,
+    measure_rate: Callable[[nn.Module], float] | None = None, seed: int = 0, progress: bool = False,
 ) -> dict[str, Any]:
     """Train the active adapter's LoRA factors of ``model`` in place on ``probe``'s refusal pairs;
     returns the patch's record (steps, refusal loss before / after in nats, the stop's readings).
@@ -170,7 +171,8 @@ def safety_patch(
     ``target_loss`` (the aligned model's, ``safety.aligned_refusal_loss``); ``"refusal_rate"``, the
     first step whose probe refusal rate reaches ``repair.rate_target`` (``measure_rate``: model ->
     share of the probe's prompts refused; default greedy ``max_new_tokens`` tokens of every
-    ``probe.prompts`` with ``tokenizer``, keyword judge).
+    ``probe.prompts`` with ``tokenizer``, keyword judge). ``progress``: a tqdm bar of the steps
+    (with the probe refusal rate after each, under the rate stop).
 
     The record has ``anchors``, ``anchor_pairs``, ``anchor_loss`` only with anchors, and ``stop``,
     ``restore``, ``aligned_refusal_rate``, ``target_refusal_rate``, ``refusal_rate_by_step`` (step 0:
@@ -214,7 +216,7 @@ def safety_patch(
             parameter.requires_grad_(True)
         record = _patch_steps(model, probe, anchor, trainable, lr=float(lr), batch_size=int(batch_size), limit=limit,
                               calibrating=calibrating, target_loss=target_loss, measure_rate=measure_rate if by_rate
-                              else None, restore=float(restore), anchors=int(anchors), seed=seed)
+                              else None, restore=float(restore), anchors=int(anchors), seed=seed, progress=progress)
         record["factors"] = factors
     except BaseException:  # all or nothing: a failed or interrupted patch leaves the LoRA as trained
         with torch.no_grad():
@@ -231,7 +233,7 @@ def safety_patch(
 def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.Parameter], *, lr: float,
                  batch_size: int, limit: int, calibrating: bool, target_loss: float | None,
                  measure_rate: Callable[[nn.Module], float] | None, restore: float, anchors: int,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, progress: bool = False) -> dict[str, Any]:
     """The optimizer loop of :func:`safety_patch` and its record."""
     from .teacher_forced import probe_loss
 
@@ -252,6 +254,7 @@ def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.P
         target_rate = rate_target(rates[0], aligned_rate, restore)
         limit = steps = 0 if rates[0] >= target_rate - 1e-9 else limit  # nothing to restore: the LoRA as trained
     torch.manual_seed(seed)
+    bar = tqdm(total=limit, desc="SPLoRA safety patch", unit="step", disable=not progress or not limit, leave=False)
     for step in range(1, limit + 1):
         rows = _next_rows(order, order_rng, len(probe), batch_size)
         if anchor is None:
@@ -266,8 +269,10 @@ def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.P
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
+        bar.update()
         if measure_rate is not None:  # the refusal-rate stop: the first step whose probe refusal rate reaches the target
             rates.append(measure_rate(model))
+            bar.set_postfix(probe_refusal=f"{rates[-1]:.2f}", target=f"{target_rate:.2f}")
             if rates[-1] >= target_rate - 1e-9:
                 steps = step
                 break
@@ -276,6 +281,7 @@ def _patch_steps(model: nn.Module, probe: Any, anchor: Any, trainable: list[nn.P
             if losses[-1] <= target_loss:
                 steps = step
                 break
+    bar.close()
     if not calibrating:
         losses.append(probe_loss(probe, model))
     target = target_loss if target_loss is not None else float("nan")
