@@ -149,9 +149,6 @@ def callback_patch_gap(patched: Any, adapter_dir: Path) -> float:
     return max(float((saved[name].double() - live[name].double()).abs().max()) for name in saved)
 
 
-CALLBACK_PATCH_FIELDS = ("lr", "max_steps", "anchors", "stop", "restore", "factors")  # section field = patch_<field>
-
-
 def callback_patch_model(template: Any, spec: Any, callback_report: dict[str, Any], adapter_dir: Path) -> tuple[Any, dict]:
     """The callback's patched adapter (``adapter_dir``) as a copy of the trained LoRA model, and the
     callback's patch record (``from_callback_adapter``: True): ``evaluation.rate_patch.rebuild: false``.
@@ -159,6 +156,7 @@ def callback_patch_model(template: Any, spec: Any, callback_report: dict[str, An
     Raises:
         ValueError: the callback did not patch, or with other settings than ``spec`` (named).
     """
+    from recipe_sections import callback_patch_differences
     from safetensors.torch import load_file
     from variants import lora_copy
 
@@ -167,8 +165,7 @@ def callback_patch_model(template: Any, spec: Any, callback_report: dict[str, An
         raise ValueError("config: evaluation.rate_patch.rebuild: false evaluates the callback's adapter/, but the "
                          f"callback ran action {action.get('action')!r}: set splora.action: patch or rebuild: true")
     settings = {"patch_factors": "both", **(callback_report.get("config") or {})}  # reports before patch_factors
-    differ = [f"{name}: {getattr(spec, name)!r} vs splora.patch_{name}: {settings.get('patch_' + name)!r}"
-              for name in CALLBACK_PATCH_FIELDS if getattr(spec, name) != settings.get(f"patch_{name}")]
+    differ = callback_patch_differences(spec, settings)
     if differ:
         raise ValueError("config: evaluation.rate_patch.rebuild: false needs the callback's patch settings; they differ "
                          f"({'; '.join(differ)}): make them equal or set rebuild: true")

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from recipe_sections import check_fields, data_section, evaluation_section, probe_section
+from recipe_sections import (
+    callback_patch_differences,
+    check_fields,
+    data_section,
+    evaluation_section,
+    probe_section,
+)
 
 REQUIRED = (
     "output_dir",
@@ -158,6 +164,23 @@ def check_config(config: dict[str, Any]) -> None:
     check_fields("splora", config["splora"], SPLoRAConfig, filled_in=("base_model", "probe"))
     for read in (evaluation_section, data_section, probe_section):  # the recipe's own sections
         read(config)
+    check_callback_patch(config)
+
+
+def check_callback_patch(config: dict[str, Any]) -> None:
+    """``evaluation.rate_patch.rebuild: false`` evaluates the callback's ``adapter/``: before any
+    training, the callback must patch (``splora.action``, when set) with the section's settings."""
+    spec = evaluation_section(config)
+    if "rate_patch" not in spec.rules or spec.rate_patch.rebuild:
+        return
+    action = config["splora"].get("action")
+    if action not in (None, "patch"):
+        raise ValueError(f"config: evaluation.rate_patch.rebuild: false evaluates the callback's adapter/, but "
+                         f"splora.action is {action!r}: set splora.action: patch or rebuild: true")
+    differ = callback_patch_differences(spec.rate_patch, config["splora"])
+    if differ:
+        raise ValueError("config: evaluation.rate_patch.rebuild: false needs the callback's patch settings; they differ "
+                         f"({'; '.join(differ)}): make them equal or set rebuild: true")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,6 +70,20 @@ class OneShotPatchSection:
                             where="config: evaluation.<patch>")
 
 
+CALLBACK_PATCH_FIELDS = ("lr", "max_steps", "anchors", "stop", "restore", "factors")  # section field = patch_<field>
+
+
+def callback_patch_differences(spec: OneShotPatchSection, settings: dict[str, Any]) -> list[str]:
+    """Where ``spec`` (``evaluation.rate_patch``) and the callback's ``patch_*`` ``settings`` (a
+    ``splora`` section or a report's config; absent keys: SPLoRAConfig's defaults) differ, named."""
+    from splora_callback import SPLoRAConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SPLoRAConfig) if f.name.startswith("patch_")}
+    merged = {**defaults, **{key: value for key, value in settings.items() if key.startswith("patch_")}}
+    return [f"{name}: {getattr(spec, name)!r} vs splora.patch_{name}: {merged.get('patch_' + name)!r}"
+            for name in CALLBACK_PATCH_FIELDS if getattr(spec, name) != merged.get(f"patch_{name}")]
+
+
 @dataclasses.dataclass(frozen=True)
 class GatesSection:
     """``evaluation.gates`` (splora_callback.gates): projected-Adam steps on a gate per rank-one

@@ -788,3 +788,16 @@ def test_cache_fingerprints_tie_a_built_model_to_its_own_section_only(tmp_path):
     first = tags(rate_patch=own)
     (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"patched again, other settings")
     assert [key for key, value in tags(rate_patch=own).items() if value != first[key]] == ["rate_patch"]
+
+
+def test_the_demo_refuses_before_training_a_patch_it_would_not_evaluate():
+    """rebuild: false evaluates the callback's adapter/: other patch settings, or no patch, stop at
+    load time with the field named, before 5 minutes of training; rebuild: true takes any."""
+    recipe_config.load_config(CONFIGS / "cpu-demo.yaml")
+    with pytest.raises(ValueError, match=r"lr: 0.0004 vs splora.patch_lr: 0.0001"):
+        recipe_config.load_config(CONFIGS / "cpu-demo.yaml", ["splora.patch_lr=1.0e-4"])
+    with pytest.raises(ValueError, match=r"factors: 'A' vs splora.patch_factors: 'both'"):
+        recipe_config.load_config(CONFIGS / "cpu-demo.yaml", ["splora.patch_factors=both"])
+    with pytest.raises(ValueError, match="splora.action is 'prune'"):
+        recipe_config.load_config(CONFIGS / "cpu-demo.yaml", ["splora.action=prune"])
+    recipe_config.load_config(CONFIGS / "cpu-demo.yaml", ["splora.patch_lr=1.0e-4", "evaluation.rate_patch.rebuild=true"])
