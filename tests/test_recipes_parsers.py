@@ -113,7 +113,7 @@ def test_a_recipes_sections_are_one_flat_parser_file(tmp_path):
     config = recipe_config.load_config(ROOT / "recipes" / "configs" / "cpu-demo.yaml",
                                        [f"output_dir={tmp_path}", "splora.metric=ediem", "splora.select=fraction",
                                         "splora.granularity=layer", "splora.probe_every_n_steps=null",
-                                        "splora.action=prune"])
+                                        "splora.action=prune", "evaluation.rate_patch.rebuild=true"])
     built_args = recipe_config.training_arguments(config)
     built_splora = recipe_config.splora_config(config, base="b", probe=None)
     flat = {
