@@ -64,11 +64,8 @@ VARIANTS = {
     "lr1_kl10w4_r1": {"anchors": 10, "restore": 1.0, "anchor_loss": "kl", "anchor_weight": 4.0, "lr": 1e-4,
                       "max_steps": 40},
     "ns90_r1": {"restore": 1.0, "nullspace": 0.90, "max_steps": 40},
-    "ns99_r1": {"restore": 1.0, "nullspace": 0.99, "max_steps": 40},
-    "ns90_r09": {"nullspace": 0.90, "max_steps": 40},
     "aonly_r1": {"restore": 1.0, "a_only": True, "max_steps": 40},
     "harm16_r1": {"restore": 1.0, "harm_directions": 16, "max_steps": 40},
-    "harm64_r1": {"restore": 1.0, "harm_directions": 64, "max_steps": 40},
 }
 
 
